@@ -1,0 +1,209 @@
+"""One self-describing checkpoint file, saved atomically and loaded safely.
+
+A checkpoint is a ``torch.save``'d dict of plain values and tensors only, so it loads with
+``torch.load(weights_only=True)``: a file carrying arbitrary pickled objects is refused, never
+executed. It holds everything ``predict`` needs (arch, head, weights, classes and names, the
+preprocessing config) and, for resumable files (``last.pt``), the training state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import platform
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import PreprocessConfig
+from .errors import CheckpointError, OutputError
+from .models import HeadSpec, model_from_spec
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cnnkit-checkpoint"
+FORMAT_VERSION = 1
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's container
+
+
+@dataclass
+class Checkpoint:
+    arch: str
+    head: HeadSpec
+    state_dict: dict[str, torch.Tensor]
+    classes: list[str]  # class labels (ImageFolder folder names), in output-index order
+    preprocess: PreprocessConfig
+    class_names: dict[str, str] = field(default_factory=dict)  # label → human-readable name
+    train_config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # epochs, best val acc, data, seed...
+    versions: dict[str, str] = field(default_factory=dict)
+    training_state: dict[str, Any] | None = None  # optimizer, epoch...: only to resume training
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.classes)}
+
+    def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The trained model, in eval mode, on ``device``."""
+        model = model_from_spec(self.arch, self.head)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            detail = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+            raise CheckpointError(f"checkpoint weights do not fit {self.arch}: {detail}") from None
+        return model.to(device).eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "arch": self.arch,
+            "head": self.head.to_dict(),
+            "state_dict": self.state_dict,
+            "classes": list(self.classes),
+            "class_names": dict(self.class_names),
+            "preprocess": self.preprocess.to_dict(),
+            "train_config": dict(self.train_config),
+            "summary": dict(self.summary),
+            "versions": dict(self.versions) or library_versions(),
+            "training_state": self.training_state,
+        }
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any], source: str = "checkpoint") -> "Checkpoint":
+        if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
+            raise CheckpointError(f"{source} is not a cnnkit checkpoint")
+        version = payload.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source} has checkpoint format version {version}, newer than this cnnkit "
+                f"{__version__} reads ({FORMAT_VERSION}); upgrade cnnkit"
+            )
+        try:
+            return cls(
+                arch=payload["arch"],
+                head=HeadSpec.from_dict(payload["head"]),
+                state_dict=dict(payload["state_dict"]),
+                classes=list(payload["classes"]),
+                preprocess=PreprocessConfig.from_dict(payload["preprocess"]),
+                class_names=dict(payload.get("class_names") or {}),
+                train_config=dict(payload.get("train_config") or {}),
+                summary=dict(payload.get("summary") or {}),
+                versions=dict(payload.get("versions") or {}),
+                training_state=payload.get("training_state"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source} is an incomplete or damaged cnnkit checkpoint ({exc})") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_save(self.to_dict(), path)
+
+    def name_of(self, label: str) -> str:
+        return self.class_names.get(label, label)
+
+
+def library_versions() -> dict[str, str]:
+    import torchvision
+
+    return {
+        "cnnkit": __version__,
+        "torch": str(torch.__version__),  # a TorchVersion object would not load weights_only
+        "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash or kill mid-write leaves the previous file intact (and at worst a stray temporary).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load and validate a checkpoint onto the CPU, refusing anything but plain data."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint is a folder, not a file: {path}")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if magic != ZIP_MAGIC:
+        raise CheckpointError(f"{path} is not a cnnkit checkpoint (not a file written by torch.save)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"refusing to load {path}: it contains arbitrary Python objects ({found.group(1)}), "
+                "which could run code when loaded; cnnkit checkpoints hold only tensors and plain values"
+            ) from None
+        raise CheckpointError(f"{path} is not a cnnkit checkpoint, or it is corrupt (unreadable pickle)") from None
+    except Exception as exc:  # zip, storage and pickle errors of a truncated or damaged file
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({_first_line(exc)})"
+        ) from None
+    return Checkpoint.from_dict(payload, source=path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's metadata (everything but the weights), for ``cnnkit info``."""
+    ckpt = load_checkpoint(path)
+    n_params = sum(t.numel() for t in ckpt.state_dict.values() if t.is_floating_point())
+    return {
+        "path": os.fspath(path),
+        "format_version": FORMAT_VERSION,
+        "arch": ckpt.arch,
+        "head": ckpt.head.to_dict(),
+        "parameters": n_params,
+        "classes": [{"label": c, "name": ckpt.name_of(c)} for c in ckpt.classes],
+        "preprocess": ckpt.preprocess.to_dict(),
+        "summary": ckpt.summary,
+        "train_config": ckpt.train_config,
+        "versions": ckpt.versions,
+        "resumable": ckpt.training_state is not None,
+    }

@@ -1,0 +1,70 @@
+"""Exceptions raised by the library; the CLI turns each into one line and an exit code.
+
+Exit codes (also listed in the README):
+
+====  ==========================================================
+0     success
+1     internal error (a bug: please report it)
+2     bad usage or configuration (flags, config values)
+3     data problem (missing folder, no images, class mismatch, bad names JSON)
+4     checkpoint problem (not a checkpoint, corrupt, unsafe, newer format)
+5     pretrained weights unavailable (offline and not cached, bad weights file)
+6     output problem (would overwrite without --force, unwritable directory)
+7     some inputs could not be scored (the others were)
+130   interrupted (Ctrl-C)
+====  ==========================================================
+"""
+
+from __future__ import annotations
+
+
+class CnnkitError(Exception):
+    """Base class of every error cnnkit reports to a user."""
+
+    exit_code = 1
+
+
+class ConfigError(CnnkitError, ValueError):
+    """A configuration value or flag is invalid."""
+
+    exit_code = 2
+
+
+class DataError(CnnkitError):
+    """The dataset, an input path or a category-names file is unusable."""
+
+    exit_code = 3
+
+
+class CheckpointError(CnnkitError):
+    """A checkpoint cannot be loaded (not cnnkit's, corrupt, unsafe or too new)."""
+
+    exit_code = 4
+
+
+class WeightsError(CnnkitError):
+    """Pretrained backbone weights cannot be obtained or do not fit the architecture."""
+
+    exit_code = 5
+
+
+class OutputError(CnnkitError):
+    """An output cannot be written, or writing it would destroy something the user has."""
+
+    exit_code = 6
+
+
+class PartialFailure(CnnkitError):
+    """Some inputs failed while the rest were processed; the results are still reported."""
+
+    exit_code = 7
+
+
+class Interrupted(CnnkitError):
+    """The user interrupted a run; what could be saved was saved."""
+
+    exit_code = 130
+
+
+class ImageError(Exception):
+    """One image cannot be decoded. Per-file, so not a CnnkitError: callers record it and go on."""

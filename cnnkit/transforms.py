@@ -1,0 +1,133 @@
+"""The one place images become tensors, for training and inference alike.
+
+``load_image`` decodes a file the same way everywhere (EXIF orientation, colour modes, size
+limit); ``build_transforms`` builds the train (augmenting) or eval (deterministic) pipeline from a
+:class:`~cnnkit.config.PreprocessConfig`. The config is stored in every checkpoint, and inference
+rebuilds its pipeline from it, so the two can never diverge.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision import transforms as T
+
+from .config import PreprocessConfig
+from .errors import ImageError
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+)
+
+_INTERPOLATION = {
+    "nearest": T.InterpolationMode.NEAREST,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+}
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def resolve_preprocess(
+    arch: str, image_size: int | None = None, resize_size: int | None = None
+) -> PreprocessConfig:
+    """The preprocessing an architecture's pretrained weights expect, with user overrides.
+
+    Like timm's ``resolve_data_config``: sizes and interpolation come from torchvision's weights
+    metadata for ``arch`` (whether or not those weights are used, since they describe what the
+    architecture was designed for); an explicit ``image_size`` keeps the usual 0.875 crop ratio.
+    """
+    from torchvision.models import get_model_weights
+
+    defaults: dict = {}
+    try:
+        defaults = dict(get_model_weights(arch).DEFAULT.transforms.keywords)
+    except (ValueError, AttributeError, KeyError):
+        pass  # unknown arch: models.build_model reports it with the list of valid names
+    interpolation = defaults.get("interpolation", T.InterpolationMode.BILINEAR).value
+    crop = image_size or int(defaults.get("crop_size", 224))
+    if resize_size is None:
+        resize_size = int(defaults.get("resize_size", 256)) if image_size is None else round(crop / 0.875)
+    return PreprocessConfig(image_size=crop, resize_size=resize_size, interpolation=interpolation)
+
+
+def build_transforms(cfg: PreprocessConfig, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """The train (random crop + flip) or eval (resize + centre crop) pipeline for ``cfg``."""
+    interpolation = _INTERPOLATION[cfg.interpolation]
+    if train:
+        steps: list = [
+            T.RandomResizedCrop(cfg.image_size, scale=(cfg.min_scale, 1.0), interpolation=interpolation),
+            T.RandomHorizontalFlip(cfg.hflip),
+        ]
+    else:
+        steps = [T.Resize(cfg.resize_size, interpolation=interpolation), T.CenterCrop(cfg.image_size)]
+    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(steps)
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
+    """Decode ``path`` as an upright RGB image, or raise :class:`ImageError` with the reason.
+
+    Grayscale, palette, alpha, CMYK and 16-bit images are converted, not rejected; EXIF
+    orientation is applied; images over ``max_pixels`` (decompression bombs) are refused before
+    their pixels are decoded.
+    """
+    limit = max_pixels or PreprocessConfig().max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > limit:
+                    raise ImageError(f"image too large: {width}x{height} pixels (limit {limit:,})")
+                image.load()
+                image = _upright(image)
+                return _to_rgb(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image file (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF must not cost the user an otherwise good image
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        # 16/32-bit grayscale: PIL's convert() would clip everything above 255 to white.
+        pixels = np.asarray(image, dtype=np.float64)
+        top = pixels.max(initial=0.0)
+        if image.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0  # float images are usually in [0, 1]
+        else:
+            scale = 255.0 / 65535.0 if top > 255 else 1.0
+        gray = np.clip(pixels * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
