@@ -166,7 +166,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "resume with the data the run started with"
             )
         class_names = class_names or resumed.class_names
-    _prepare_save_dir(cfg, resuming=resumed is not None)
+    # Resuming into the run's own folder continues it; any other folder must not hold a run.
+    run_dir = os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume else None
+    _prepare_save_dir(cfg, continuing=run_dir is not None and _same_dir(run_dir, cfg.save_dir))
 
     freeze = cfg.freeze if cfg.freeze is not None else cfg.pretrained
     if freeze and not cfg.pretrained:
@@ -218,7 +220,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
 
     paths = {name: os.path.join(cfg.save_dir, name) for name in (BEST, LAST, METRICS)}
-    history = _load_history(paths[METRICS], upto=start_epoch) if resumed else []
+    history = _load_history(os.path.join(run_dir, METRICS), start_epoch) if run_dir else []
     _write_history(paths[METRICS], history)
 
     def checkpoint(epoch: int, with_state: bool) -> Checkpoint:
@@ -332,7 +334,11 @@ def _resume_config(cfg: TrainConfig, resumed: Checkpoint) -> TrainConfig:
     return dataclasses.replace(recipe, **{name: getattr(cfg, name) for name in RUN_FIELDS})
 
 
-def _prepare_save_dir(cfg: TrainConfig, resuming: bool) -> None:
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+
+
+def _prepare_save_dir(cfg: TrainConfig, continuing: bool) -> None:
     try:
         os.makedirs(cfg.save_dir, exist_ok=True)
     except OSError as exc:
@@ -340,7 +346,7 @@ def _prepare_save_dir(cfg: TrainConfig, resuming: bool) -> None:
     if not os.access(cfg.save_dir, os.W_OK | os.X_OK):
         raise OutputError(f"--save-dir {cfg.save_dir} is not writable")
     existing = [n for n in (BEST, LAST, METRICS) if os.path.exists(os.path.join(cfg.save_dir, n))]
-    if existing and not resuming and not cfg.force:
+    if existing and not continuing and not cfg.force:
         raise OutputError(
             f"{cfg.save_dir} already holds {', '.join(existing)} from another run; use --force to "
             "overwrite, another --save-dir, or --resume to continue it"
