@@ -3,8 +3,12 @@
 The package root stays free of heavy imports so that ``cnnkit --help`` is instant; the
 library's entry points are imported lazily::
 
-    from cnnkit import train, TrainConfig
-    from cnnkit.predict import predict, Predictor
+    from cnnkit import TrainConfig, train
+    result = train(TrainConfig(data_dir="data/flowers-mini", arch="resnet18"))
+
+The other stages are functions of the modules named after them (``cnnkit.predict.predict``,
+``cnnkit.evaluate.evaluate``, ``cnnkit.export.export``, ``cnnkit.lr_find.lr_find``); they are not
+re-exported here because each would shadow its own module.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "TrainConfig": "cnnkit.config",
-    "PredictConfig": "cnnkit.config",
-    "PreprocessConfig": "cnnkit.config",
+    **dict.fromkeys(
+        ["PreprocessConfig", "TrainConfig", "PredictConfig", "EvaluateConfig", "ServeConfig", "ExportConfig",
+         "LRFindConfig"],
+        "cnnkit.config",
+    ),
     "CnnkitError": "cnnkit.errors",
     "train": "cnnkit.engine",
     "Predictor": "cnnkit.predict",
+    "create_app": "cnnkit.serve",
     "load_checkpoint": "cnnkit.checkpoint",
     "build_model": "cnnkit.models",
     "build_transforms": "cnnkit.transforms",

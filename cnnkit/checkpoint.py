@@ -44,6 +44,9 @@ class Checkpoint:
     summary: dict[str, Any] = field(default_factory=dict)  # epochs, best val acc, data, seed...
     versions: dict[str, str] = field(default_factory=dict)
     training_state: dict[str, Any] | None = None  # optimizer, epoch...: only to resume training
+    calibration: dict[str, Any] = field(default_factory=dict)  # temperature, abstain threshold
+    # Validation-set statistics for drift monitoring (cnnkit.drift): plain lists and floats.
+    reference_stats: dict[str, Any] | None = None
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -73,6 +76,8 @@ class Checkpoint:
             "summary": dict(self.summary),
             "versions": dict(self.versions) or library_versions(),
             "training_state": self.training_state,
+            "calibration": dict(self.calibration),
+            "reference_stats": self.reference_stats,
         }
 
     @classmethod
@@ -97,6 +102,8 @@ class Checkpoint:
                 summary=dict(payload.get("summary") or {}),
                 versions=dict(payload.get("versions") or {}),
                 training_state=payload.get("training_state"),
+                calibration=dict(payload.get("calibration") or {}),
+                reference_stats=payload.get("reference_stats"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{source} is an incomplete or damaged cnnkit checkpoint ({exc})") from None
@@ -106,6 +113,11 @@ class Checkpoint:
 
     def name_of(self, label: str) -> str:
         return self.class_names.get(label, label)
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature fitted by ``cnnkit evaluate --calibrate`` (1.0: uncalibrated)."""
+        return float(self.calibration.get("temperature", 1.0))
 
 
 def library_versions() -> dict[str, str]:

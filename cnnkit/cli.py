@@ -16,10 +16,10 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import PredictConfig, TrainConfig
+from .config import EvaluateConfig, PredictConfig, TrainConfig
 from .errors import CnnkitError, ConfigError, PartialFailure
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx")
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 data problem, 4 checkpoint problem, "
     "5 weights unavailable, 6 output problem, 7 some inputs failed, 130 interrupted, "
@@ -109,26 +109,56 @@ def main(verbose: int, quiet: bool) -> None:
     _setup_logging(-1 if quiet else verbose)
 
 
+def _options(*decorators: Any) -> Any:
+    """Apply a list of click option decorators (shared by train and lr-find) in order."""
+
+    def apply(command: Any) -> Any:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+# The model, data and optimisation options of a training run; lr-find takes them too.
+_model_options = _options(
+    click.argument("data_dir", type=click.Path()),
+    click.option("--arch", default="densenet121", show_default=True, help="torchvision architecture (VGG, DenseNet, ResNet/ResNeXt, MobileNet, EfficientNet, ConvNeXt, RegNet...)."),
+    click.option("--weights", default="DEFAULT", show_default=True, help="Backbone weights: DEFAULT (torchvision's pretrained, from the torch hub cache or downloaded), a weights name such as IMAGENET1K_V2, a path to a local .pth state_dict, or none."),
+    click.option("--hidden-units", type=int, default=512, show_default=True, help="Hidden units of the new head; 0 for a single Linear layer."),
+    click.option("--dropout", type=float, default=0.2, show_default=True, help="Dropout of the new head."),
+    click.option("--batch-size", type=int, default=32, show_default=True),
+    workers_option,
+    click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same machine: same metrics."),
+    device_option,
+    gpu_option,
+    click.option("--freeze/--no-freeze", default=None, help="Freeze the backbone, train only the head [default: freeze iff the weights are pretrained]."),
+    click.option("--val-split", type=float, default=0.2, show_default=True, help="Share of each class held out for validation when DATA_DIR has no valid/ folder."),
+    click.option("--image-size", type=int, default=None, help="Input crop size [default: the architecture's pretrained size, usually 224]."),
+    click.option("--resize-size", type=int, default=None, help="Eval resize before the centre crop [default: the architecture's, usually 256]."),
+    click.option("--augment/--no-augment", default=None, help="Random crops and flips of the training images [default: while the backbone trains; not while it is frozen, so that its features can be cached]."),
+    click.option("--cache-features/--no-cache-features", default=None, help="With a frozen backbone, compute each image's backbone features once (kept in SAVE_DIR/feature_cache) and train the head on them: later epochs take a fraction of the first. Augmentation cannot apply to cached features, so --augment turns this off [default: on whenever valid]."),
+    click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay (not applied to biases and normalisation weights)."),
+    click.option("--class-weights", type=click.Choice(["none", "balanced"]), default="none", show_default=True, help="balanced: weight each class's loss by its inverse frequency."),
+    click.option("--sampler", type=click.Choice(["shuffle", "balanced"]), default="shuffle", show_default=True, help="balanced: draw training images so that every class comes up equally often."),
+    click.option("--clip-grad", type=float, default=None, metavar="MAX_NORM", help="Clip the gradients' global L2 norm to MAX_NORM [default: no clipping]."),
+    click.option("--amp/--no-amp", default=None, help="Mixed precision: float16 with gradient scaling on CUDA, bfloat16 on the CPU [default: on with CUDA only]."),
+)
+
+
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("data_dir", type=click.Path())
-@click.option("--arch", default="densenet121", show_default=True, help="torchvision architecture (VGG, DenseNet, ResNet/ResNeXt, MobileNet, EfficientNet, ConvNeXt, RegNet...).")
-@click.option("--weights", default="DEFAULT", show_default=True, help="Backbone weights: DEFAULT (torchvision's pretrained, from the torch hub cache or downloaded), a weights name such as IMAGENET1K_V2, a path to a local .pth state_dict, or none.")
-@click.option("--hidden-units", type=int, default=512, show_default=True, help="Hidden units of the new head; 0 for a single Linear layer.")
-@click.option("--dropout", type=float, default=0.2, show_default=True, help="Dropout of the new head.")
-@click.option("--learning-rate", "--lr", "learning_rate", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@workers_option
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same machine: same metrics.")
-@device_option
-@gpu_option
-@click.option("--save-dir", default="checkpoints", show_default=True, type=click.Path(file_okay=False), help="Where best.pt, last.pt and metrics.jsonl go.")
+@_model_options
+@click.option("--learning-rate", "--lr", "learning_rate", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate (cnnkit lr-find suggests one).")
+@click.option("--epochs", type=int, default=None, help="Epochs of training (the head's, when the backbone is frozen) [default: 5; with --resume, the run's own].")
+@click.option("--scheduler", type=click.Choice(["none", "cosine", "step"]), default="cosine", show_default=True, help="Learning-rate schedule of each phase, per step: cosine decay or /10 at each third, after a linear warm-up; none: constant.")
+@click.option("--warmup", type=float, default=None, metavar="EPOCHS", help="Linear warm-up at the start of each phase [default: a tenth of the phase, at most 1 epoch].")
+@click.option("--early-stop", type=int, default=None, metavar="PATIENCE", help="End a phase after PATIENCE epochs without a lower validation loss [default: off].")
+@click.option("--fine-tune", type=int, default=0, show_default=True, metavar="N", help="After the head has trained on the frozen backbone, unfreeze it and train the whole network N more epochs.")
+@click.option("--fine-tune-lr", type=float, default=None, help="Peak learning rate of the fine-tuning epochs [default: a tenth of --learning-rate].")
+@click.option("--save-dir", default="checkpoints", show_default=True, type=click.Path(file_okay=False), help="Where best.pt, last.pt, metrics.jsonl and curves.png go.")
 @names_option
-@click.option("--freeze/--no-freeze", default=None, help="Freeze the backbone, train only the head [default: freeze iff the weights are pretrained].")
-@click.option("--val-split", type=float, default=0.2, show_default=True, help="Share of each class held out for validation when DATA_DIR has no valid/ folder.")
-@click.option("--image-size", type=int, default=None, help="Input crop size [default: the architecture's pretrained size, usually 224].")
-@click.option("--resize-size", type=int, default=None, help="Eval resize before the centre crop [default: the architecture's, usually 256].")
-@click.option("--scheduler", type=click.Choice(["none", "cosine", "step"]), default="cosine", show_default=True, help="Learning-rate schedule over the epochs.")
+@click.option("--mlflow", is_flag=True, help="Log params, per-epoch metrics and best.pt to MLflow (needs the mlflow extra; MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME choose where).")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Train data-parallel in N processes on this machine (starts torchrun; one per GPU). For several machines run torchrun -m cnnkit train yourself.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue the run saved in this last.pt (a larger --epochs extends a finished run).")
 @click.option("--force", is_flag=True, help="Overwrite best.pt, last.pt and metrics.jsonl already in --save-dir.")
 @progress_option
@@ -139,17 +169,57 @@ def train(gpu: bool, progress: bool | None, device: str, **options: Any) -> None
     folder of class sub-folders, from which --val-split is held out for validation.
 
     \b
-    Example:
+    Examples:
       cnnkit train data/flowers-mini --arch resnet18 --epochs 10 --category-names cat_to_name.json
+      cnnkit train photos/ --arch resnet50 --epochs 5 --fine-tune 5 --early-stop 3
+      torchrun --nproc-per-node 4 -m cnnkit train photos/ --arch resnet50 --epochs 20
     """
     from .engine import train as run_training
 
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 reports progress
+        _setup_logging(-1)
     cfg = TrainConfig(device=_device(device, gpu), progress=_progress(progress), **options)
     result = run_training(cfg)
+    if int(os.environ.get("RANK", "0")) > 0:
+        return
+    notes = []
+    if result.stopped_early is not None:
+        notes.append(f"stopped early after epoch {result.stopped_early}")
+    if result.curves:
+        notes.append(f"curves {result.curves}")
     click.echo(
         f"best validation accuracy {result.best_val_acc:.1%} (epoch {result.best_epoch}); "
-        f"checkpoint {result.best_checkpoint}"
+        f"checkpoint {result.best_checkpoint}" + "".join(f"; {n}" for n in notes)
     )
+
+
+@main.command("lr-find", epilog=EXIT_CODES_HELP)
+@_model_options
+@click.option("--start-lr", type=float, default=1e-7, show_default=True, help="Learning rate of the first step.")
+@click.option("--end-lr", type=float, default=10.0, show_default=True, help="Learning rate of the last step (the test stops earlier when the loss diverges).")
+@click.option("--steps", type=int, default=100, show_default=True, help="Training steps (batches) over the range; a few hundred give a smoother curve.")
+@click.option("--save-dir", default="checkpoints", show_default=True, type=click.Path(file_okay=False), help="Where lr_find.png (and a frozen backbone's feature cache, which cnnkit train reuses) go.")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write SAVE_DIR/lr_find.png.")
+@click.option("--force", is_flag=True, help="Overwrite an existing lr_find.png.")
+@progress_option
+def lr_find(gpu: bool, progress: bool | None, device: str, start_lr: float, end_lr: float, steps: int,
+            plot: bool, force: bool, **options: Any) -> None:
+    """Learning-rate range test: train from the initial weights while the learning rate grows
+    exponentially, and suggest the one where the loss falls fastest.
+
+    Takes the model and data options of cnnkit train; prints the smoothed loss over the range
+    and the suggestion, and plots it.
+
+    \b
+    Example:
+      cnnkit lr-find data/flowers-mini --arch resnet18 --weights none --image-size 64
+    """
+    from .config import LRFindConfig
+    from .lr_find import format_result, lr_find as run_lr_find
+
+    train_cfg = TrainConfig(device=_device(device, gpu), progress=_progress(progress), **options)
+    cfg = LRFindConfig(train_cfg, start_lr=start_lr, end_lr=end_lr, steps=steps, plot=plot, force=force)
+    click.echo(format_result(run_lr_find(cfg)))
 
 
 def _split_seed_order(inputs: tuple[str, ...], checkpoint: str | None) -> tuple[tuple[str, ...], str]:
@@ -166,17 +236,22 @@ def _split_seed_order(inputs: tuple[str, ...], checkpoint: str | None) -> tuple[
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-c", "--checkpoint", type=click.Path(dir_okay=False), default=None, help="A checkpoint written by cnnkit train.")
+@click.option("-c", "--checkpoint", type=click.Path(dir_okay=False), default=None, help="A checkpoint written by cnnkit train, or a model exported with cnnkit export --format onnx.")
 @click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Classes to show per image (capped at the number of classes).")
 @names_option
-@click.option("-f", "--format", "fmt", type=click.Choice(["table", "json", "jsonl", "csv"]), default="table", show_default=True, help="table for a terminal; json, jsonl and csv print clean data on stdout (logs go to stderr).")
+@click.option("-f", "--format", type=click.Choice(["table", "json", "jsonl", "csv"]), default=None, help="table for a terminal; json, jsonl and csv print clean data on stdout (logs go to stderr) [default: from --output's extension, else table].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write CSV/JSONL/JSON to this file as results arrive, instead of stdout.")
+@click.option("--resume", is_flag=True, help="Skip inputs already in --output and append the rest (after an interruption).")
+@click.option("--force", is_flag=True, help="Replace an existing --output.")
+@click.option("--shard", default=None, metavar="K/N", help="Score only slice K (0-based) of N, by a stable hash of each path: for array jobs.")
+@click.option("--abstain", is_flag=True, help="Answer 'unknown' below the abstain threshold stored by cnnkit evaluate --target-coverage.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @workers_option
 @device_option
 @gpu_option
 @progress_option
 def predict(
-    inputs: tuple[str, ...], checkpoint: str | None, fmt: str, gpu: bool, device: str, progress: bool | None, **options: Any
+    inputs: tuple[str, ...], checkpoint: str | None, gpu: bool, device: str, progress: bool | None, **options: Any
 ) -> None:
     """Top-K classes with names for images, folders (recursed) or - (paths on stdin).
 
@@ -185,18 +260,18 @@ def predict(
       cnnkit predict flower.jpg --checkpoint checkpoints/best.pt --top-k 3
       cnnkit predict photos/ -c best.pt --format csv > scores.csv
       find photos -name '*.jpg' | cnnkit predict - -c best.pt --format jsonl
+      cnnkit predict photos/ -c best.pt -o scores.csv --shard $SLURM_ARRAY_TASK_ID/8
 
     A file that cannot be scored gets an error row and the others are still scored; the exit
     code is then 7.
     """
-    from .predict import predict as run_prediction, write_predictions
+    from .predict import predict_to_output
 
     inputs, checkpoint = _split_seed_order(inputs, checkpoint)
     cfg = PredictConfig(
         inputs=inputs, checkpoint=checkpoint, device=_device(device, gpu), progress=_progress(progress), **options
     )
-    stream = run_prediction(cfg)
-    summary = write_predictions(stream, fmt, sys.stdout, stream.top_k)
+    summary = predict_to_output(cfg, sys.stdout)
     if summary.failed:
         raise PartialFailure(f"{summary.failed} of {summary.failed + summary.scored} inputs could not be scored")
 
@@ -231,3 +306,108 @@ def info(checkpoint: str, as_json: bool) -> None:
     lines.append(f"classes      {len(meta['classes'])}")
     lines += [f"  {c['label']:>12}  {c['name']}" for c in meta["classes"]]
     click.echo("\n".join(lines))
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("data_dir", type=click.Path())
+@click.option("--split", default=None, help="Sub-folder of DATA_DIR to evaluate [default: test/ when present, else DATA_DIR].")
+@click.option("-k", "--top-k", type=int, default=5, show_default=True, help="k of the top-k accuracy.")
+@names_option
+@click.option("--ignore-unknown", is_flag=True, help="Skip class folders the checkpoint does not know, and allow missing ones.")
+@click.option("--calibrate", is_flag=True, help="Fit a softmax temperature on these (validation) images and store it, so predict reports calibrated probabilities.")
+@click.option("--target-coverage", type=float, default=None, help="Pick and store the confidence threshold that keeps this share of images (predict --abstain uses it).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Folder for report.json, confusion_matrix.csv, predictions.csv and PNG pictures.")
+@click.option("--worst", type=int, default=12, show_default=True, help="How many of the most confidently wrong images to list and show.")
+@click.option("--force", is_flag=True, help="Overwrite an --output report; store calibration in CHECKPOINT itself instead of NAME.calibrated.pt.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@workers_option
+@device_option
+@gpu_option
+@progress_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
+def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **options: Any) -> None:
+    """Measure CHECKPOINT on the labelled ImageFolder DATA_DIR.
+
+    Reports accuracy, top-k accuracy, per-class precision/recall/F1, macro and weighted
+    averages, the confusion matrix, calibration (ECE, NLL), the most confused classes and the
+    most confidently wrong images.
+
+    \b
+    Examples:
+      cnnkit evaluate checkpoints/best.pt data/flowers-mini --output report/
+      cnnkit evaluate checkpoints/best.pt data/flowers-mini --split valid --calibrate --target-coverage 0.9
+    """
+    from .evaluate import evaluate as run_evaluation, format_report
+
+    cfg = EvaluateConfig(device=_device(device, gpu), progress=_progress(progress), **options)
+    result = run_evaluation(cfg)
+    click.echo(json.dumps(result.report, indent=2, ensure_ascii=False) if as_json else format_report(result.report))
+    if result.files:
+        click.echo(f"wrote {', '.join(result.files)}", err=True)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--workers", type=int, default=None, help="gunicorn worker processes, each with its own copy of the model [default: one per core, up to 4].")
+@click.option("--threads", type=int, default=16, show_default=True, help="Request threads per worker: how many requests one worker can batch together.")
+@click.option("--max-batch", type=int, default=16, show_default=True, help="Most images in one forward pass.")
+@click.option("--max-wait-ms", type=float, default=5.0, show_default=True, help="How long a batch waits for requests still being decoded (never when none are).")
+@click.option("--max-bytes", type=int, default=10 * 1024 * 1024, show_default=True, help="Largest request body; more is refused with 413.")
+@click.option("--max-images", type=int, default=32, show_default=True, help="Most images in one request (413 above).")
+@click.option("--max-pixels", type=int, default=25_000_000, show_default=True, help="Largest image, decoded and after resizing (422 above).")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds a request may wait for the model before a 503.")
+@click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Classes per image when a request does not say.")
+@click.option("--torch-threads", type=int, default=None, help="Intra-op threads per worker [default: cores / workers, at least 1].")
+@click.option("--drift-window", type=int, default=1000, show_default=True, help="Recent images the drift PSI is computed over, per worker.")
+@names_option
+@device_option
+def serve(**options: Any) -> None:
+    """Serve CHECKPOINT (or an exported .onnx) over HTTP with gunicorn, until Ctrl-C.
+
+    POST /predict takes a multipart field "image" (one or more files) or JSON {"image":
+    "<base64>"} / {"images": [...]}, with top_k in the query or body; GET /health, /ready,
+    /metadata and /metrics (Prometheus) watch it. Needs the 'serve' extra.
+
+    \b
+    Examples:
+      cnnkit serve checkpoints/best.pt --port 8000 --workers 2
+      curl -F image=@flower.jpg 'http://127.0.0.1:8000/predict?top_k=3'
+    """
+    from .config import ServeConfig
+
+    cfg = ServeConfig(**options)  # before the heavy imports: a bad flag fails at once
+    from .serve import serve as run_server
+
+    run_server(cfg)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--format", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True, help="onnx (for ONNX Runtime, and cnnkit predict/serve) or torchscript (torch.jit.load).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="File to write [default: CHECKPOINT with .onnx or .torchscript.pt].")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
+@click.option("--check/--no-check", default=True, show_default=True, help="Verify the export matches PyTorch (probabilities within 1e-4, same top-1).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def export(**options: Any) -> None:
+    """Export CHECKPOINT as a standalone model: softmax probabilities out, any batch size.
+
+    Class names and preprocessing travel in the file (ONNX metadata_props, TorchScript extra
+    file cnnkit.json). The ONNX format needs the 'export' extra.
+
+    \b
+    Examples:
+      cnnkit export checkpoints/best.pt --format onnx
+      cnnkit predict flower.jpg -c checkpoints/best.onnx --top-k 3
+    """
+    from .config import ExportConfig
+
+    cfg = ExportConfig(**options)  # before the heavy imports: a bad flag fails at once
+    from .export import export as run_export
+
+    result = run_export(cfg)
+    click.echo(f"wrote {result.path} ({result.format}, {result.bytes / 1e6:.1f} MB) in {result.seconds:.1f}s")
+    if result.parity is not None:
+        click.echo(str(result.parity))

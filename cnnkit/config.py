@@ -19,6 +19,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 SCHEDULERS = ("none", "cosine", "step")
+CLASS_WEIGHTS = ("none", "balanced")
+DEFAULT_EPOCHS = 5
+SAMPLERS = ("shuffle", "balanced")
+PREDICT_FORMATS = ("table", "json", "jsonl", "csv")
 
 _T = TypeVar("_T")
 
@@ -95,7 +99,7 @@ class TrainConfig(_Serializable):
     hidden_units: int = 512
     dropout: float = 0.2
     learning_rate: float = 1e-3
-    epochs: int = 5
+    epochs: int | None = None  # None: DEFAULT_EPOCHS for a new run, the run's own when resuming
     batch_size: int = 32
     workers: int | None = None  # None: as many as the machine has cores, up to 4
     seed: int = 0
@@ -110,6 +114,20 @@ class TrainConfig(_Serializable):
     resume: str | None = None
     force: bool = False
     progress: bool = True
+    # Training recipe (issue 4). LR schedules are per step, with a linear warm-up.
+    warmup: float | None = None  # warm-up epochs; None: 10% of each phase's epochs, at most 1
+    weight_decay: float = 0.05  # AdamW's decoupled decay (not on biases and norm weights)
+    early_stop: int | None = None  # stop a phase after this many epochs without a lower val loss
+    clip_grad: float | None = None  # clip the gradients' global L2 norm to this
+    class_weights: str = "none"  # none | balanced: weight the loss by inverse class frequency
+    sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often
+    augment: bool | None = None  # None: augment while the backbone trains, not while it is frozen
+    cache_features: bool | None = None  # None: whenever valid (frozen backbone, no augmentation)
+    fine_tune: int = 0  # epochs of training the whole network after the head phase
+    fine_tune_lr: float | None = None  # None: learning_rate / 10
+    amp: bool | None = None  # mixed precision; None: on with CUDA only
+    mlflow: bool = False  # log params, metrics and the checkpoint to MLflow
+    nproc: int = 1  # processes on this machine (launches torchrun when more than 1)
 
     def __post_init__(self) -> None:
         _check(bool(self.data_dir), "DATA_DIR must not be empty")
@@ -117,7 +135,7 @@ class TrainConfig(_Serializable):
         _check(self.hidden_units >= 0, f"--hidden-units must be 0 (one Linear layer) or more, got {self.hidden_units}")
         _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         _check(self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}")
-        _check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        _check(self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         _check_common(self.batch_size, self.workers, self.device)
         _check(0 < self.val_split < 1, f"--val-split must be between 0 and 1 (exclusive), got {self.val_split}")
         _check(
@@ -128,10 +146,54 @@ class TrainConfig(_Serializable):
             self.scheduler in SCHEDULERS,
             f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}",
         )
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        _check(self.warmup is None or self.warmup >= 0, f"--warmup must be 0 or more epochs, got {self.warmup}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        _check(
+            self.early_stop is None or self.early_stop >= 1,
+            f"--early-stop PATIENCE must be at least 1 epoch, got {self.early_stop}",
+        )
+        _check(self.clip_grad is None or self.clip_grad > 0, f"--clip-grad must be positive, got {self.clip_grad}")
+        _check(
+            self.class_weights in CLASS_WEIGHTS,
+            f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}",
+        )
+        _check(self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        _check(
+            not (self.class_weights == "balanced" and self.sampler == "balanced"),
+            "--class-weights balanced and --sampler balanced both correct the same imbalance: choose one",
+        )
+        _check(
+            not (self.cache_features and self.augment),
+            "--cache-features computes each image's features once, so it cannot be combined with "
+            "--augment (new random crops every epoch): drop one of them",
+        )
+        _check(
+            not (self.cache_features and self.freeze is False),
+            "--cache-features needs a frozen backbone (features of a training backbone change every step): "
+            "drop --no-freeze or --cache-features",
+        )
+        _check(self.fine_tune >= 0, f"--fine-tune must be 0 or more epochs, got {self.fine_tune}")
+        _check(
+            self.fine_tune_lr is None or self.fine_tune_lr > 0,
+            f"--fine-tune-lr must be positive, got {self.fine_tune_lr}",
+        )
+        _check(
+            not (self.fine_tune and self.freeze is False),
+            "--fine-tune unfreezes a frozen backbone after the head has trained; with --no-freeze the "
+            "whole network trains from the start: drop one of them",
+        )
+        _check(self.nproc >= 1, f"--nproc must be at least 1, got {self.nproc}")
 
     @property
     def pretrained(self) -> bool:
         return self.weights.lower() != "none"
+
+    @property
+    def resolved_fine_tune_lr(self) -> float:
+        return self.fine_tune_lr if self.fine_tune_lr is not None else self.learning_rate / 10
 
 
 @dataclass(frozen=True)
@@ -146,6 +208,12 @@ class PredictConfig(_Serializable):
     workers: int | None = None  # None: as many as the machine has cores, up to 4
     device: str = "auto"
     progress: bool = True
+    format: str | None = None  # None: from --output's extension, else table
+    output: str | None = None  # a CSV/JSONL/JSON file written as results arrive; None: stdout
+    resume: bool = False  # skip inputs already in --output and append to it
+    force: bool = False  # overwrite an existing --output
+    shard: str | None = None  # "K/N": score only the K-th (0-based) of N hash slices
+    abstain: bool = False  # label images below the checkpoint's abstain threshold "unknown"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
@@ -153,3 +221,156 @@ class PredictConfig(_Serializable):
         _check(bool(self.checkpoint), "give a checkpoint with --checkpoint CKPT")
         _check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
         _check_common(self.batch_size, self.workers, self.device)
+        _check(
+            self.format is None or self.format in PREDICT_FORMATS,
+            f"--format must be one of {', '.join(PREDICT_FORMATS)}, got {self.format!r}",
+        )
+        _check(not (self.resume and self.output is None), "--resume needs --output FILE to continue")
+        _check(not (self.resume and self.force), "--resume appends to --output and --force overwrites it: choose one")
+        _check(
+            not (self.resume and self.output_format == "json"),
+            "--resume needs a CSV or JSONL --output (a JSON array cannot be appended to)",
+        )
+        self.output_format, self.shard_spec  # validate --output's extension and --shard
+
+    @property
+    def output_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        if self.output is not None:
+            ext = self.output.lower().rsplit(".", 1)[-1]
+            _check(
+                ext in ("csv", "jsonl", "ndjson", "json"),
+                f"cannot tell the format of --output {self.output} from its extension: give --format csv, jsonl or json",
+            )
+            return "jsonl" if ext == "ndjson" else ext
+        return "table"
+
+    @property
+    def shard_spec(self) -> tuple[int, int] | None:
+        """(K, N) from ``--shard K/N``."""
+        if self.shard is None:
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", self.shard)
+        _check(match is not None, f"--shard must look like K/N (e.g. 0/4), got {self.shard!r}")
+        k, n = int(match.group(1)), int(match.group(2))  # type: ignore[union-attr]
+        _check(n >= 1 and 0 <= k < n, f"--shard K/N needs 0 <= K < N, got {self.shard!r}")
+        return k, n
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(_Serializable):
+    """Options of ``cnnkit evaluate``."""
+
+    checkpoint: str
+    data_dir: str
+    split: str | None = None  # None: DATA_DIR/test when it exists, else DATA_DIR itself
+    top_k: int = 5
+    category_names: str | None = None
+    ignore_unknown: bool = False
+    calibrate: bool = False
+    target_coverage: float | None = None
+    output: str | None = None
+    worst: int = 12
+    force: bool = False
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.checkpoint), "give the checkpoint to evaluate")
+        _check(bool(self.data_dir), "give DATA_DIR, a labelled ImageFolder")
+        _check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
+        _check(
+            self.target_coverage is None or 0 < self.target_coverage <= 1,
+            f"--target-coverage must be in (0, 1], got {self.target_coverage}",
+        )
+        _check(self.worst >= 0, f"--worst must be 0 or more, got {self.worst}")
+        _check_common(self.batch_size, self.workers, self.device)
+
+
+SERVE_HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+@dataclass(frozen=True)
+class ServeConfig(_Serializable):
+    """Options of ``cnnkit serve``: the model, gunicorn's processes, micro-batching and limits."""
+
+    checkpoint: str  # a cnnkit checkpoint, or a model exported with ``cnnkit export --format onnx``
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int | None = None  # gunicorn worker processes (a model copy each); None: one per core, up to 4
+    threads: int = 16  # request threads per worker: the most requests a worker batches together
+    max_batch: int = 16  # images per forward pass
+    max_wait_ms: float = 5.0  # how long a batch waits for requests still being decoded
+    max_bytes: int = 10 * 1024 * 1024  # request body limit (413 above it)
+    max_images: int = 32  # images per request
+    max_pixels: int = 25_000_000  # per image, decoded and after resizing (capped by the model's own limit)
+    timeout: float = 30.0  # seconds a request may wait for its result (503 after)
+    top_k: int = 1  # when a request gives no top_k
+    torch_threads: int | None = None  # None: the machine's cores divided among the workers, at least 1
+    drift_window: int = 1000  # recent images the drift PSI is computed over
+    category_names: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.checkpoint), "give the model to serve: a checkpoint or an exported .onnx")
+        _check(bool(SERVE_HOST_PATTERN.match(self.host)), f"--host must be an address such as 127.0.0.1 or 0.0.0.0, got {self.host!r}")
+        _check(1 <= self.port <= 65535, f"--port must be between 1 and 65535, got {self.port}")
+        _check(self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
+        _check(self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
+        _check(self.max_batch >= 1, f"--max-batch must be at least 1, got {self.max_batch}")
+        _check(0 <= self.max_wait_ms <= 10_000, f"--max-wait-ms must be between 0 and 10000, got {self.max_wait_ms}")
+        _check(self.max_bytes >= 1024, f"--max-bytes must be at least 1024, got {self.max_bytes}")
+        _check(self.max_images >= 1, f"--max-images must be at least 1, got {self.max_images}")
+        _check(self.max_pixels > 0, f"--max-pixels must be positive, got {self.max_pixels}")
+        _check(self.timeout > 0, f"--timeout must be positive (seconds), got {self.timeout}")
+        _check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
+        _check(
+            self.torch_threads is None or self.torch_threads >= 1,
+            f"--torch-threads must be at least 1, got {self.torch_threads}",
+        )
+        _check(self.drift_window >= 10, f"--drift-window must be at least 10 images, got {self.drift_window}")
+        _check(bool(DEVICE_PATTERN.match(self.device)), f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Serializable):
+    """Options of ``cnnkit export``."""
+
+    checkpoint: str
+    format: str = "onnx"  # onnx | torchscript
+    output: str | None = None  # None: the checkpoint's path with .onnx / .torchscript.pt
+    opset: int = 17  # ONNX opset
+    check: bool = True  # verify parity with PyTorch after export
+    force: bool = False  # overwrite an existing output
+
+    def __post_init__(self) -> None:
+        _check(bool(self.checkpoint), "give the checkpoint to export")
+        _check(
+            self.format in EXPORT_FORMATS,
+            f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}",
+        )
+        _check(self.output is None or bool(self.output), "--output must not be empty")
+        _check(11 <= self.opset <= 20, f"--opset must be between 11 and 20, got {self.opset}")
+
+
+@dataclass(frozen=True)
+class LRFindConfig(_Serializable):
+    """Options of ``cnnkit lr-find``: the model and data options of a training run (``train``)
+    and the range of the test. ``plot`` writes ``lr_find.png`` into ``train.save_dir``."""
+
+    train: TrainConfig
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    steps: int = 100
+    plot: bool = True
+    force: bool = False  # overwrite an existing lr_find.png
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, Mapping):
+            object.__setattr__(self, "train", TrainConfig.from_dict(self.train))
+        _check(0 < self.start_lr < self.end_lr, f"need 0 < --start-lr < --end-lr, got {self.start_lr} and {self.end_lr}")
+        _check(self.steps >= 10, f"--steps must be at least 10, got {self.steps}")

@@ -68,3 +68,15 @@ class Interrupted(CnnkitError):
 
 class ImageError(Exception):
     """One image cannot be decoded. Per-file, so not a CnnkitError: callers record it and go on."""
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise a one-line :class:`ConfigError` when an optional extra's modules are not installed."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+            f"this needs cnnkit's '{extra}' extra: pip install 'cnnkit[{extra}]'"
+        )

@@ -67,9 +67,28 @@ def build_transforms(cfg: PreprocessConfig, train: bool) -> Callable[[Image.Imag
             T.RandomHorizontalFlip(cfg.hflip),
         ]
     else:
-        steps = [T.Resize(cfg.resize_size, interpolation=interpolation), T.CenterCrop(cfg.image_size)]
+        steps = [
+            _RefuseElongated(cfg.resize_size, cfg.max_pixels),
+            T.Resize(cfg.resize_size, interpolation=interpolation),
+            T.CenterCrop(cfg.image_size),
+        ]
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     return T.Compose(steps)
+
+
+class _RefuseElongated:
+    """Resizing the short side of a very elongated image (say 1x80000) can make it enormous."""
+
+    def __init__(self, resize_size: int, max_pixels: int):
+        self.resize_size, self.max_pixels = resize_size, max_pixels
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if self.resize_size**2 * max(width, height) / max(min(width, height), 1) > self.max_pixels:
+            raise ImageError(
+                f"image too elongated ({width}x{height}): it would exceed {self.max_pixels:,} pixels once resized"
+            )
+        return image
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
@@ -117,13 +136,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I") or image.mode == "F":
-        # 16/32-bit grayscale: PIL's convert() would clip everything above 255 to white.
+        # PIL's convert() would clip everything above 255 to white. Integer modes come from 16-bit
+        # PNG/TIFF files (PIL opens many as plain "I"), so their range is 0..65535 whatever the
+        # content: a fixed scale keeps brightness from depending on the brightest pixel.
         pixels = np.asarray(image, dtype=np.float64)
-        top = pixels.max(initial=0.0)
         if image.mode == "F":
-            scale = 255.0 if top <= 1.0 else 1.0  # float images are usually in [0, 1]
+            scale = 255.0 if pixels.max(initial=0.0) <= 1.0 else 1.0  # float images: [0, 1] or [0, 255]
         else:
-            scale = 255.0 / 65535.0 if top > 255 else 1.0
+            scale = 255.0 / 65535.0
         gray = np.clip(pixels * scale, 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):

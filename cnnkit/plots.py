@@ -1,0 +1,150 @@
+"""PNG figures (matplotlib, headless). Imported only when a picture is asked for."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .errors import ImageError  # noqa: E402
+from .transforms import load_image  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_matrix_png(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str) -> None:
+    """Heat map of the row-normalised confusion matrix, with the raw counts in the cells."""
+    counts = np.asarray(matrix)
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    size = max(4.0, 0.55 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(names) <= 30:
+        for (row, col), value in np.ndenumerate(counts):
+            if value:
+                ax.text(col, row, str(value), ha="center", va="center",
+                        color="white" if share[row, col] > 0.5 else "black", fontsize=8)
+    ax.set_title("Confusion matrix")
+    _save(fig, path)
+
+
+def reliability_png(report: dict[str, Any], path: str) -> None:
+    """Accuracy against confidence per bin (before, and after calibration when fitted)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    series = [("model", report["reliability"], report["ece"])]
+    if "calibration" in report:
+        c = report["calibration"]
+        series.append((f"T = {c['temperature']:.2f}", c["reliability_after"], c["ece_after"]))
+    width = 1.0 / len(report["reliability"])
+    for offset, (label, bins, ece) in enumerate(series):
+        centres = [(b["low"] + b["high"]) / 2 for b in bins if b["count"]]
+        accuracy = [b["accuracy"] for b in bins if b["count"]]
+        ax.bar(np.asarray(centres) + (offset - (len(series) - 1) / 2) * width / len(series), accuracy,
+               width=width / len(series), alpha=0.75, edgecolor="black", label=f"{label} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability diagram")
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def gallery_png(wrong: Sequence[dict[str, Any]], names: dict[str, str], path: str, columns: int = 4) -> None:
+    """The most confidently wrong images, each titled with its true and predicted names."""
+    rows = -(-len(wrong) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, wrong):
+        try:
+            image = load_image(item["path"])
+            image.thumbnail((256, 256))
+            ax.imshow(image)
+        except ImageError:  # a file gone or changed since it was scored leaves a blank tile
+            pass
+        ax.set_title(
+            f"true: {names.get(item['true'], item['true'])}\n"
+            f"predicted: {names.get(item['predicted'], item['predicted'])} ({item['confidence']:.0%})",
+            fontsize=9,
+        )
+    fig.suptitle("Most confidently wrong")
+    _save(fig, path)
+
+
+# --- training (cnnkit train, cnnkit lr-find) -------------------------------------------------
+
+
+def _save_atomic(fig, path: str) -> None:
+    """Save beside ``path`` and rename: a viewer never sees a half-written picture."""
+    import os
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def training_curves_png(history: Sequence[dict[str, Any]], path: str, fine_tune_from: int | None = None) -> None:
+    """Loss and accuracy per epoch, training against validation (metrics.jsonl rows)."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((loss_ax, "loss", "Loss (NLL)"), (acc_ax, "acc", "Accuracy")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], marker="o", markersize=3, label="train")
+        ax.plot(epochs, [row[f"val_{key}"] for row in history], marker="o", markersize=3, label="validation")
+        if fine_tune_from is not None and epochs and fine_tune_from < epochs[-1]:
+            ax.axvline(fine_tune_from + 0.5, color="grey", linestyle="--", linewidth=1, label="fine-tuning starts")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if epochs:
+        loss_ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        acc_ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    acc_ax.set_ylim(0, 1)
+    _save_atomic(fig, path)
+
+
+def lr_find_png(
+    lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float | None, path: str
+) -> None:
+    """The learning-rate range test: loss against learning rate (log scale), raw and smoothed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, color="lightgrey", linewidth=1, label="batch loss")
+    ax.plot(lrs, smoothed, linewidth=2, label="smoothed")
+    if suggestion is not None:
+        ax.axvline(suggestion, color="red", linestyle="--", linewidth=1, label=f"suggested {suggestion:.1e}")
+    ax.set_xscale("log")
+    finite = [v for v in smoothed if np.isfinite(v)]
+    if finite:  # the divergent tail would squash the interesting part
+        low, high = min(finite), max(finite[: max(1, len(finite) * 9 // 10)])
+        ax.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.25 * (high - low + 1e-9))
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title("Learning-rate range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    _save_atomic(fig, path)

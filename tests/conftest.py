@@ -1,0 +1,169 @@
+"""Shared fixtures: tiny learnable image folders, a category-names file and one trained run.
+
+Everything is small on purpose (3 classes, 40x48 images, 32 px crops, resnet18 from scratch with
+a 32-unit head) so the whole suite runs in a few minutes on two CPU cores, with no network.
+Session-scoped fixtures are shared: tests must treat their files as read-only (copy first).
+Plain helpers (image makers, the tiny TrainConfig, the CLI runner) are in helpers.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import urllib.error
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from helpers import (
+    CLASSES,
+    INITIAL_SEED,
+    NAMES,
+    TrainedRun,
+    interrupt_training_call,
+    make_flat_folder,
+    make_split_folder,
+    tiny_train_config,
+)
+
+# --- data fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """DATA_DIR with train/ (6 per class) and valid/ (2 per class); read-only for tests."""
+    return make_split_folder(tmp_path_factory.mktemp("split-data"))
+
+
+@pytest.fixture(scope="session")
+def flat_folder(tmp_path_factory) -> Path:
+    """An ImageFolder without train/valid: 8 images in each of the 3 class folders; read-only."""
+    return make_flat_folder(tmp_path_factory.mktemp("flat-data"))
+
+
+@pytest.fixture(scope="session")
+def category_names(tmp_path_factory) -> Path:
+    """cat_to_name.json for the three colour classes."""
+    path = tmp_path_factory.mktemp("names") / "cat_to_name.json"
+    path.write_text(json.dumps(NAMES), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def image_folder_copy(image_folder, tmp_path) -> Path:
+    """A private, modifiable copy of the split data set."""
+    return Path(shutil.copytree(image_folder, tmp_path / "data"))
+
+
+@pytest.fixture
+def sample_images(image_folder) -> list[Path]:
+    """One validation image per class, in class order (blue, green, red)."""
+    return [sorted((image_folder / "valid" / c).iterdir())[0] for c in CLASSES]
+
+
+# --- training fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, image_folder, category_names) -> TrainedRun:
+    """One 3-epoch run (with category names), shared by the predict/checkpoint/CLI tests.
+
+    ``build_transforms`` is spied on, so tests can compare inference with what training used.
+    """
+    import torch
+
+    import cnnkit.engine as engine
+
+    save_dir = tmp_path_factory.mktemp("trained")
+    cfg = tiny_train_config(image_folder, save_dir, category_names=str(category_names))
+    preprocess: dict[bool, Any] = {}
+    pipelines: dict[bool, Callable] = {}
+    real = engine.build_transforms
+
+    def spy(pre, train):
+        pipeline = real(pre, train)
+        preprocess[train], pipelines[train] = pre, pipeline
+        return pipeline
+
+    # Runs that must start alike (this one and `interrupted`, for the resume test) start from the
+    # same global RNG state, whether or not train() seeds the initial weights from cfg.seed
+    # itself (test_engine's same-seed test checks that it does).
+    torch.manual_seed(INITIAL_SEED)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "build_transforms", spy)
+        result = engine.train(cfg)
+    return TrainedRun(cfg, result, save_dir, preprocess, pipelines)
+
+
+@pytest.fixture(scope="session")
+def interrupted(trained, tmp_path_factory):
+    """The shared run's exact recipe, interrupted (Ctrl-C) during epoch 3's training pass:
+    (config, save dir, the Interrupted error). Read-only: copy the folder to resume it."""
+    import dataclasses
+
+    import torch
+
+    from cnnkit.engine import train
+    from cnnkit.errors import Interrupted
+
+    save_dir = tmp_path_factory.mktemp("interrupted")
+    cfg = dataclasses.replace(trained.cfg, save_dir=str(save_dir))
+    torch.manual_seed(INITIAL_SEED)  # the same initial weights as the shared run
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_training_call(mp, 3)
+        with pytest.raises(Interrupted) as info:
+            train(cfg)
+    return cfg, save_dir, info.value
+
+
+# --- hygiene --------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _restore_cnnkit_logger():
+    """The CLI reconfigures the 'cnnkit' logger (own stderr handler, no propagation); undo it so
+    that caplog works in every test whatever ran before."""
+    logger = logging.getLogger("cnnkit")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """No test may download anything: torch hub's downloads fail at once."""
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "urlopen", refuse)
+    monkeypatch.delenv("CNNKIT_DEBUG", raising=False)
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty TORCH_HOME, so that no pretrained weights are in the hub cache."""
+    home = tmp_path / "torch-home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    """Environment for ``python -m cnnkit`` subprocesses: empty torch home, no debug tracebacks."""
+    env = {k: v for k, v in os.environ.items() if k != "CNNKIT_DEBUG"}
+    env["TORCH_HOME"] = str(tmp_path / "torch-home")
+    env["PYTHONUNBUFFERED"] = "1"
+    # The subprocess runs the same cnnkit as the tests, wherever they run from.
+    import cnnkit
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cnnkit.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
