@@ -13,7 +13,9 @@ import os
 import pickle
 import platform
 import re
+import stat
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -22,8 +24,8 @@ from torch import nn
 
 from . import __version__
 from .config import PreprocessConfig
-from .errors import CheckpointError, OutputError
-from .models import HeadSpec, model_from_spec
+from .errors import CheckpointError, ConfigError, OutputError
+from .models import HeadSpec, list_archs, model_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class Checkpoint:
 
     def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """The trained model, in eval mode, on ``device``."""
+        self._check_fits()
         model = model_from_spec(self.arch, self.head)
         try:
             model.load_state_dict(self.state_dict)
@@ -61,6 +64,24 @@ class Checkpoint:
             detail = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
             raise CheckpointError(f"checkpoint weights do not fit {self.arch}: {detail}") from None
         return model.to(device).eval()
+
+    def _check_fits(self) -> None:
+        """Build the model on the meta device (no memory) and compare its shapes with the weights,
+        so that a damaged head spec (say a billion hidden units) is refused, not allocated."""
+        if self.arch not in list_archs():
+            raise CheckpointError(f"checkpoint is for an architecture this cnnkit and torchvision do not have: {self.arch!r}")
+        try:
+            with torch.device("meta"):
+                skeleton = model_from_spec(self.arch, self.head)
+        except (ConfigError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint describes a model cnnkit cannot build: {_first_line(exc)}") from None
+        for key, expected in skeleton.state_dict().items():
+            found = self.state_dict.get(key)
+            if found is not None and found.shape != expected.shape:
+                raise CheckpointError(
+                    f"checkpoint weights do not fit {self.arch}: size mismatch for {key}: "
+                    f"{tuple(found.shape)} in the checkpoint, {tuple(expected.shape)} in the model"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,13 +106,15 @@ class Checkpoint:
         if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
             raise CheckpointError(f"{source} is not a cnnkit checkpoint")
         version = payload.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CheckpointError(f"{source} has an invalid checkpoint format version ({version!r}): it is damaged")
+        if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"{source} has checkpoint format version {version}, newer than this cnnkit "
                 f"{__version__} reads ({FORMAT_VERSION}); upgrade cnnkit"
             )
         try:
-            return cls(
+            ckpt = cls(
                 arch=payload["arch"],
                 head=HeadSpec.from_dict(payload["head"]),
                 state_dict=dict(payload["state_dict"]),
@@ -105,8 +128,21 @@ class Checkpoint:
                 calibration=dict(payload.get("calibration") or {}),
                 reference_stats=payload.get("reference_stats"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+            ckpt._check_types(payload)
+            return ckpt
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{source} is an incomplete or damaged cnnkit checkpoint ({exc})") from None
+
+    def _check_types(self, payload: Mapping[str, Any]) -> None:
+        """What the rest of cnnkit relies on (a hand-edited or damaged file may break it)."""
+        if not isinstance(self.arch, str) or not isinstance(payload["classes"], (list, tuple)):
+            raise TypeError("arch must be a string and classes a list")
+        if not all(isinstance(t, torch.Tensor) for t in self.state_dict.values()):
+            raise TypeError("state_dict holds values that are not tensors")
+        if not all(isinstance(c, str) for c in self.classes) or len(self.classes) != self.head.num_classes:
+            raise ValueError(f"{len(self.classes)} classes for a head of {self.head.num_classes} outputs")
+        if not 0 < self.temperature < float("inf"):
+            raise ValueError(f"temperature {self.temperature} is not a positive number")
 
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_save(self.to_dict(), path)
@@ -153,8 +189,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        # torch.save's writer turns the OSError of a full disk into a RuntimeError ("unexpected
+        # pos"): the OSError is its context.
+        failure = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError)), None)
+        if failure is not None and isinstance(exc, Exception):
+            raise OutputError(f"cannot write {path}: {failure.strerror or failure}") from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -173,6 +212,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint is a folder, not a file: {path}")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # reading a named pipe would wait forever
+        raise CheckpointError(f"checkpoint is not a regular file (a pipe or device): {path}")
     try:
         with open(path, "rb") as handle:
             magic = handle.read(4)
@@ -180,6 +221,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if magic != ZIP_MAGIC:
         raise CheckpointError(f"{path} is not a cnnkit checkpoint (not a file written by torch.save)")
+    if not _has_pickle(path):
+        raise CheckpointError(f"{path} is not a cnnkit checkpoint (a zip archive, but not one written by torch.save)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -195,6 +238,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             f"{path} is truncated or corrupt ({_first_line(exc)})"
         ) from None
     return Checkpoint.from_dict(payload, source=path)
+
+
+def _has_pickle(path: str) -> bool:
+    """Whether a zip holds torch.save's ``<name>/data.pkl`` (True when it is too damaged to
+    tell: torch.load then reports the damage)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return True
 
 
 def _first_line(exc: BaseException) -> str:
@@ -218,4 +271,34 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         "train_config": ckpt.train_config,
         "versions": ckpt.versions,
         "resumable": ckpt.training_state is not None,
+        "calibration": dict(ckpt.calibration),
+        "drift_reference": bool(ckpt.reference_stats),
     }
+
+
+def format_description(meta: dict[str, Any]) -> str:
+    """:func:`describe`'s metadata as the lines ``cnnkit info`` prints."""
+    summary = meta["summary"]
+    pre = meta["preprocess"]
+    head = meta["head"]
+    lines = [
+        f"checkpoint   {meta['path']} (format {meta['format_version']}{', resumable' if meta['resumable'] else ''})",
+        f"arch         {meta['arch']}, {meta['parameters']:,} parameters",
+        f"head         {head['in_features']} -> {head['hidden_units'] or '-'} hidden (dropout {head['dropout']}) -> {head['num_classes']} classes",
+        f"preprocess   resize {pre['resize_size']}, crop {pre['image_size']}, {pre['interpolation']}, mean {list(pre['mean'])}, std {list(pre['std'])}",
+    ]
+    if summary:
+        lines.append(
+            f"training     {summary.get('epochs')} epochs, best val acc {summary.get('best_val_acc', 0):.1%} "
+            f"(epoch {summary.get('best_epoch')}), seed {summary.get('seed')}, weights {summary.get('weights')}"
+        )
+        lines.append(f"data         {summary.get('data_dir')} ({summary.get('validation')})")
+    calibration = meta.get("calibration") or {}
+    if calibration:
+        lines.append("calibration  " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" if isinstance(v, float) else
+                                                 f"{k.replace('_', ' ')} {v}" for k, v in calibration.items()))
+    lines.append(f"drift ref    {'stored (cnnkit serve reports drift)' if meta.get('drift_reference') else 'none'}")
+    lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    lines.append(f"classes      {len(meta['classes'])}")
+    lines += [f"  {c['label']:>12}  {c['name']}" for c in meta["classes"]]
+    return "\n".join(lines)

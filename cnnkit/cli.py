@@ -17,12 +17,12 @@ import click
 
 from . import __version__
 from .config import EvaluateConfig, PredictConfig, TrainConfig
-from .errors import CnnkitError, ConfigError, PartialFailure
+from .errors import CnnkitError, ConfigError, PartialFailure, WorkerError, worker_death
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx")
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 data problem, 4 checkpoint problem, "
-    "5 weights unavailable, 6 output problem, 7 some inputs failed, 130 interrupted, "
+    "5 weights unavailable, 6 output problem, 7 some inputs failed, 8 a worker process died, 130 interrupted, "
     "141 output pipe closed."
 )
 
@@ -60,6 +60,10 @@ class _Group(click.Group):
             sys.stderr.close()
             os._exit(141)
         except Exception as exc:  # a bug: still one line, with the way to the traceback
+            died = worker_death(exc)  # not a bug: commands that can resume say how in their own message
+            if died:
+                self._fail(f"{died}; run it again, or with --workers 0 to decode in the main process",
+                           WorkerError.exit_code)
             if os.environ.get("CNNKIT_DEBUG"):
                 raise
             self._fail(f"internal error: {type(exc).__name__}: {exc} (set CNNKIT_DEBUG=1 for the traceback)", 1)
@@ -107,10 +111,21 @@ def _device(device: str, gpu: bool) -> str:
 def main(verbose: int, quiet: bool) -> None:
     """Train, evaluate and use image classifiers built on pretrained torchvision CNNs."""
     _setup_logging(-1 if quiet else verbose)
+    _pass_undecodable_names()
+
+
+def _pass_undecodable_names() -> None:
+    """File names that are not UTF-8 (Python holds their bytes as surrogate escapes) are read
+    from stdin and printed back as the same bytes, as Unix tools do, in every locale; a strict
+    UTF-8 locale would otherwise crash on the first such name."""
+    for stream in (sys.stdin, sys.stdout):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
 
 
 def _options(*decorators: Any) -> Any:
-    """Apply a list of click option decorators (shared by train and lr-find) in order."""
+    """Apply several click option decorators, in order, as one."""
 
     def apply(command: Any) -> Any:
         for decorator in reversed(decorators):
@@ -120,6 +135,14 @@ def _options(*decorators: Any) -> Any:
     return apply
 
 
+# Scoring (predict, evaluate) has its own defaults, measured on a 2-core CPU (benchmarks/RESULTS.md).
+_scoring_options = _options(
+    click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 8 on a CPU, 32 on a GPU]."),
+    click.option(
+        "--workers", type=int, default=None,
+        help="Decoding worker processes [default: none on a CPU with 2 cores or fewer, else one per core, up to 4].",
+    ),
+)
 # The model, data and optimisation options of a training run; lr-find takes them too.
 _model_options = _options(
     click.argument("data_dir", type=click.Path()),
@@ -236,7 +259,7 @@ def _split_seed_order(inputs: tuple[str, ...], checkpoint: str | None) -> tuple[
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-c", "--checkpoint", type=click.Path(dir_okay=False), default=None, help="A checkpoint written by cnnkit train, or a model exported with cnnkit export --format onnx.")
+@click.option("-c", "--checkpoint", type=click.Path(), default=None, help="A checkpoint written by cnnkit train, or a model exported with cnnkit export --format onnx.")
 @click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Classes to show per image (capped at the number of classes).")
 @names_option
 @click.option("-f", "--format", type=click.Choice(["table", "json", "jsonl", "csv"]), default=None, help="table for a terminal; json, jsonl and csv print clean data on stdout (logs go to stderr) [default: from --output's extension, else table].")
@@ -245,8 +268,7 @@ def _split_seed_order(inputs: tuple[str, ...], checkpoint: str | None) -> tuple[
 @click.option("--force", is_flag=True, help="Replace an existing --output.")
 @click.option("--shard", default=None, metavar="K/N", help="Score only slice K (0-based) of N, by a stable hash of each path: for array jobs.")
 @click.option("--abstain", is_flag=True, help="Answer 'unknown' below the abstain threshold stored by cnnkit evaluate --target-coverage.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@workers_option
+@_scoring_options
 @device_option
 @gpu_option
 @progress_option
@@ -281,31 +303,13 @@ def predict(
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def info(checkpoint: str, as_json: bool) -> None:
     """Show a checkpoint's metadata: arch, classes, preprocessing, training summary."""
-    from .checkpoint import describe
+    from .checkpoint import describe, format_description
 
     meta = describe(checkpoint)
     if as_json:
         click.echo(json.dumps(meta, indent=2, ensure_ascii=False))
         return
-    summary = meta["summary"]
-    pre = meta["preprocess"]
-    head = meta["head"]
-    lines = [
-        f"checkpoint   {meta['path']} (format {meta['format_version']}{', resumable' if meta['resumable'] else ''})",
-        f"arch         {meta['arch']}, {meta['parameters']:,} parameters",
-        f"head         {head['in_features']} -> {head['hidden_units'] or '-'} hidden (dropout {head['dropout']}) -> {head['num_classes']} classes",
-        f"preprocess   resize {pre['resize_size']}, crop {pre['image_size']}, {pre['interpolation']}, mean {list(pre['mean'])}, std {list(pre['std'])}",
-    ]
-    if summary:
-        lines.append(
-            f"training     {summary.get('epochs')} epochs, best val acc {summary.get('best_val_acc', 0):.1%} "
-            f"(epoch {summary.get('best_epoch')}), seed {summary.get('seed')}, weights {summary.get('weights')}"
-        )
-        lines.append(f"data         {summary.get('data_dir')} ({summary.get('validation')})")
-    lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
-    lines.append(f"classes      {len(meta['classes'])}")
-    lines += [f"  {c['label']:>12}  {c['name']}" for c in meta["classes"]]
-    click.echo("\n".join(lines))
+    click.echo(format_description(meta))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -320,8 +324,7 @@ def info(checkpoint: str, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Folder for report.json, confusion_matrix.csv, predictions.csv and PNG pictures.")
 @click.option("--worst", type=int, default=12, show_default=True, help="How many of the most confidently wrong images to list and show.")
 @click.option("--force", is_flag=True, help="Overwrite an --output report; store calibration in CHECKPOINT itself instead of NAME.calibrated.pt.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@workers_option
+@_scoring_options
 @device_option
 @gpu_option
 @progress_option
@@ -358,7 +361,7 @@ def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **opt
 @click.option("--max-bytes", type=int, default=10 * 1024 * 1024, show_default=True, help="Largest request body; more is refused with 413.")
 @click.option("--max-images", type=int, default=32, show_default=True, help="Most images in one request (413 above).")
 @click.option("--max-pixels", type=int, default=25_000_000, show_default=True, help="Largest image, decoded and after resizing (422 above).")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds a request may wait for the model before a 503.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds a request may take to arrive (then 408) and to wait for the model (then 503).")
 @click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Classes per image when a request does not say.")
 @click.option("--torch-threads", type=int, default=None, help="Intra-op threads per worker [default: cores / workers, at least 1].")
 @click.option("--drift-window", type=int, default=1000, show_default=True, help="Recent images the drift PSI is computed over, per worker.")

@@ -80,8 +80,8 @@ class PreprocessConfig(_Serializable):
         _check(self.max_pixels > 0, f"max_pixels must be positive, got {self.max_pixels}")
 
 
-def _check_common(batch_size: int, workers: int | None, device: str) -> None:
-    _check(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}")
+def _check_common(batch_size: int | None, workers: int | None, device: str) -> None:
+    _check(batch_size is None or batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}")
     _check(workers is None or workers >= 0, f"--workers must be 0 or more, got {workers}")
     _check(
         bool(DEVICE_PATTERN.match(device)),
@@ -204,8 +204,8 @@ class PredictConfig(_Serializable):
     checkpoint: str
     top_k: int = 1
     category_names: str | None = None
-    batch_size: int = 32
-    workers: int | None = None  # None: as many as the machine has cores, up to 4
+    batch_size: int | None = None  # None: cnnkit.predict.scoring_defaults
+    workers: int | None = None
     device: str = "auto"
     progress: bool = True
     format: str | None = None  # None: from --output's extension, else table
@@ -273,7 +273,7 @@ class EvaluateConfig(_Serializable):
     output: str | None = None
     worst: int = 12
     force: bool = False
-    batch_size: int = 32
+    batch_size: int | None = None  # None: cnnkit.predict.scoring_defaults
     workers: int | None = None
     device: str = "auto"
     progress: bool = True
@@ -308,7 +308,7 @@ class ServeConfig(_Serializable):
     max_bytes: int = 10 * 1024 * 1024  # request body limit (413 above it)
     max_images: int = 32  # images per request
     max_pixels: int = 25_000_000  # per image, decoded and after resizing (capped by the model's own limit)
-    timeout: float = 30.0  # seconds a request may wait for its result (503 after)
+    timeout: float = 30.0  # seconds a request may take to arrive (408 after) and to wait for its result (503 after)
     top_k: int = 1  # when a request gives no top_k
     torch_threads: int | None = None  # None: the machine's cores divided among the workers, at least 1
     drift_window: int = 1000  # recent images the drift PSI is computed over

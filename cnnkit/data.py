@@ -47,7 +47,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[Sample]]:
     """Class names (sorted sub-folder names) and (path, class index) samples of an ImageFolder."""
     if not os.path.isdir(root):
         raise DataError(f"not a folder: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(root) if _is_dir(e) and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
     samples: list[Sample] = []
@@ -57,6 +57,13 @@ def scan_image_folder(root: str) -> tuple[list[str], list[Sample]]:
             raise DataError(f"class folder {os.path.join(root, name)} has no images")
         samples.extend((path, index) for path in images)
     return classes, samples
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (ELOOP) or an unreadable link is not a class folder
+        return False
 
 
 def _split_dir(root: str, names: Sequence[str]) -> str | None:
@@ -180,7 +187,7 @@ def expand_inputs(inputs: Iterable[str], stdin: Iterable[str] | None = None) -> 
 def load_category_names(path: str, classes: Sequence[str] | None = None) -> dict[str, str]:
     """A JSON object of class label → human-readable name, checked against ``classes``."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark (Windows editors) is fine
             names = json.load(handle)
     except FileNotFoundError:
         raise DataError(f"category names file not found: {path}") from None
@@ -188,6 +195,8 @@ def load_category_names(path: str, classes: Sequence[str] | None = None) -> dict
         raise DataError(f"cannot read category names {path}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"category names {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"category names {path} is not a label-to-name object: its JSON is nested too deeply") from None
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
         raise DataError(f"category names {path} must be a JSON object of label to name strings")
     if classes is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import glob
 import json
 import logging
 import math
@@ -41,10 +42,10 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import Checkpoint, library_versions, load_checkpoint
 from .config import DEFAULT_EPOCHS, TrainConfig
-from .data import ImageDataset, Splits, collate, load_category_names, load_splits
+from .data import ImageDataset, collate, load_category_names, load_splits
 from .distributed import DistContext, EpochSampler, epoch_seed
 from .drift import reference_statistics
-from .errors import CheckpointError, ConfigError, DataError, Interrupted, OutputError
+from .errors import CheckpointError, ConfigError, DataError, Interrupted, OutputError, WorkerError, worker_death
 from .models import build_model, check_arch, head_module
 from .transforms import build_transforms, resolve_preprocess
 
@@ -310,6 +311,8 @@ class _Training:
         """``outputs=False`` (lr-find): no checkpoints, metrics or tracking, so no save-dir check."""
         self.ctx, self.device = ctx, ctx.device
         self.log = _MainLog(ctx.is_main)
+        if cfg.resume:
+            _check_resume_path(cfg.resume)
         self.resumed = load_checkpoint(cfg.resume) if cfg.resume else None
         if self.resumed is not None:
             cfg = _resume_config(cfg, self.resumed)
@@ -383,12 +386,19 @@ class _Training:
         if self.state["optimizer_phase"] is None and "optimizer" in self.state:
             self.state["optimizer_phase"] = FULL if not self.freeze else HEAD  # a core-era last.pt
         self.start_epoch = int(self.state["epoch"])
-        if self.state["stopped_early"] is not None:
+        # A finished run killed while it completed best.pt (its drift statistics) is completed by
+        # --resume into its own folder; any other finished run is refused.
+        self.finishing = bool(
+            outputs and continuing
+            and (self.state["stopped_early"] is not None or self.start_epoch >= self._end_epoch())
+            and _best_incomplete(os.path.join(cfg.save_dir, BEST))
+        )
+        if self.state["stopped_early"] is not None and not self.finishing:
             raise ConfigError(
                 f"{cfg.resume} stopped early after epoch {self.state['stopped_early']} (no lower validation "
                 "loss for --early-stop epochs): it is finished; start a new run to train more"
             )
-        if self.start_epoch >= self._end_epoch():
+        if self.start_epoch >= self._end_epoch() and not self.finishing:
             if self.state["fine_tune_from"] is not None:
                 raise ConfigError(
                     f"{cfg.resume} has already trained {self.start_epoch} epochs, its fine-tuning included; "
@@ -428,6 +438,7 @@ class _Training:
         self._plotted_at, self._plot_pending = -math.inf, False
         self.phase = ""
         self.train_net: nn.Module | None = None
+        self.net: nn.Module | None = None
 
     # --- resolved recipe ----------------------------------------------------------------
 
@@ -585,21 +596,26 @@ class _Training:
         if ctx.is_main:
             _write_history(self.paths[METRICS], self.history)
         first_phase = self._phase(self.start_epoch + 1)
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad or first_phase == FINE_TUNE)
-        self.log.info(
-            "training %s on %s%s: %d classes, %d train / %d validation images (%s); %s backbone, "
-            "%d trainable parameters; epochs %d to %d%s",
-            cfg.arch, self.device, f" x {ctx.world_size} processes" if ctx.enabled else "", len(splits.classes),
-            len(splits.train), len(splits.valid), splits.description,
-            "frozen" if self.freeze else "trainable", trainable, self.start_epoch + 1, self._end_epoch(),
-            f" (the last {cfg.fine_tune} fine-tuning the backbone)" if cfg.fine_tune else "",
-        )
+        if self.finishing:
+            self.log.info("%s has trained all its epochs, but its run stopped before best.pt was complete: "
+                          "completing it", cfg.resume)
+            self._plot_pending = True  # curves.png may predate the last epochs
+        else:
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad or first_phase == FINE_TUNE)
+            self.log.info(
+                "training %s on %s%s: %d classes, %d train / %d validation images (%s); %s backbone, "
+                "%d trainable parameters; epochs %d to %d%s",
+                cfg.arch, self.device, f" x {ctx.world_size} processes" if ctx.enabled else "", len(splits.classes),
+                len(splits.train), len(splits.valid), splits.description,
+                "frozen" if self.freeze else "trainable", trainable, self.start_epoch + 1, self._end_epoch(),
+                f" (the last {cfg.fine_tune} fine-tuning the backbone)" if cfg.fine_tune else "",
+            )
         if cfg.mlflow:
             self.tracker = ctx.on_main(self._start_tracker)
         epoch = self.start_epoch
         self.phase = ""
         try:
-            while epoch < self._end_epoch():
+            while not self.finishing and epoch < self._end_epoch():
                 epoch += 1
                 if self.freeze and cfg.fine_tune and state["fine_tune_from"] is None and epoch > cfg.epochs:
                     state["fine_tune_from"] = epoch - 1  # resumed with a shorter --epochs
@@ -621,18 +637,27 @@ class _Training:
                     f"--resume {self.paths[LAST]}"
                 ) from None
             raise Interrupted(f"interrupted in epoch {epoch}, before any epoch finished; nothing was saved") from None
-        except BaseException:
+        except BaseException as exc:
             if self.tracker is not None:
                 self.tracker.finish("FAILED")
-            raise
+            died = worker_death(exc)
+            if died is None:
+                raise
+            done = epoch - 1
+            hint = (
+                f"{self.paths[LAST]} holds epoch {done}: continue with --resume {self.paths[LAST]}"
+                if done > self.start_epoch or self.resumed is not None
+                else "no epoch had finished; nothing was saved"
+            )
+            raise WorkerError(
+                f"{died}, in epoch {epoch}; {hint} (--workers 0 loads images in the main process)"
+            ) from None
         ctx.on_main(self._finish_best_stats)
         if ctx.is_main and self._plot_pending:
             self._plot(final=True)
         if self.tracker is not None:
             self.tracker.log_artifacts([self.paths[BEST], self.paths[METRICS], self.paths[CURVES]])
             self.tracker.finish()
-        self.log.info("best validation accuracy %.1f%% at epoch %d; saved %s", 100 * state["best_val_acc"],
-                      state["best_epoch"], self.paths[BEST])
         return TrainResult(
             best_checkpoint=self.paths[BEST],
             last_checkpoint=self.paths[LAST],
@@ -808,7 +833,10 @@ class _Training:
             self._plots_ok = False
             log.warning("curves.png is not written: matplotlib is not installed (pip install 'cnnkit[plot]')")
             return
-        training_curves_png(self.history, self.paths[CURVES], fine_tune_from=self.state["fine_tune_from"])
+        try:
+            training_curves_png(self.history, self.paths[CURVES], fine_tune_from=self.state["fine_tune_from"])
+        except OSError as exc:  # a full disk, say: the checkpoints of this epoch are saved already
+            raise OutputError(f"cannot write {self.paths[CURVES]}: {exc.strerror or exc}") from None
 
     def _start_tracker(self):
         from .tracking import MlflowTracker
@@ -908,6 +936,51 @@ def _prepare_save_dir(cfg: TrainConfig, continuing: bool) -> None:
             f"{cfg.save_dir} already holds {', '.join(existing)} from another run; use --force to "
             "overwrite, another --save-dir, or --resume to continue it"
         )
+    _remove_stray_temporaries(cfg.save_dir)
+
+
+def _remove_stray_temporaries(save_dir: str) -> None:
+    """Delete the partial files of a run killed mid-write (writes are atomic: temporary, then
+    rename; only a kill -9 or a crash leaves the temporary), which could be as large as a
+    checkpoint or the feature cache. Feature-cache temporaries are named by their writer's pid:
+    only those of processes no longer running go."""
+    folder = glob.escape(save_dir)
+    strays = [path for pattern in (f".{BEST}.*.tmp", f".{LAST}.*.tmp", f"{METRICS}.tmp", f"{CURVES}.*.tmp")
+              for path in glob.glob(os.path.join(folder, pattern))]
+    for path in glob.glob(os.path.join(folder, _features().CACHE_DIR, "*.npy.*.tmp")):
+        pid = path.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _running(int(pid)):
+            strays.append(path)
+    for path in strays:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists (another user's)
+        return True
+    return True
+
+
+def _check_resume_path(path: str) -> None:
+    """A run killed before its first epoch finished has no last.pt: say so, and what to do."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) == LAST and not os.path.exists(path) and os.path.exists(os.path.join(folder, METRICS)):
+        raise CheckpointError(
+            f"checkpoint not found: {path}: the run in {folder} stopped before its first epoch finished, so there "
+            "is nothing to resume; start it again (without --resume, with --force to replace its files)"
+        )
+
+
+def _best_incomplete(path: str) -> bool:
+    """best.pt exists without the drift statistics a finished run adds to it."""
+    return os.path.exists(path) and load_checkpoint(path).reference_stats is None
 
 
 def _load_history(path: str, upto: int) -> list[dict[str, Any]]:

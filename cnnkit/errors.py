@@ -11,11 +11,14 @@ Exit codes (also listed in the README):
 5     pretrained weights unavailable (offline and not cached, bad weights file)
 6     output problem (would overwrite without --force, unwritable directory)
 7     some inputs could not be scored (the others were)
+8     a worker process died (killed, out of memory, crashed); what was written is kept
 130   interrupted (Ctrl-C)
 ====  ==========================================================
 """
 
 from __future__ import annotations
+
+import re
 
 
 class CnnkitError(Exception):
@@ -60,6 +63,13 @@ class PartialFailure(CnnkitError):
     exit_code = 7
 
 
+class WorkerError(CnnkitError):
+    """A DataLoader worker process died (killed, e.g. by the OOM killer, or crashed); what was
+    written before is kept."""
+
+    exit_code = 8
+
+
 class Interrupted(CnnkitError):
     """The user interrupted a run; what could be saved was saved."""
 
@@ -68,6 +78,33 @@ class Interrupted(CnnkitError):
 
 class ImageError(Exception):
     """One image cannot be decoded. Per-file, so not a CnnkitError: callers record it and go on."""
+
+
+_WORKER_DIED = re.compile(
+    r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\) "
+    r"(?:is killed by signal: ([^.]+)|exited unexpectedly(?: with exit code (-?\d+))?)"
+)
+
+
+def worker_death(exc: BaseException) -> str | None:
+    """What torch's RuntimeError for a dead DataLoader worker means, in one phrase
+    ("a data-loading worker process (pid 12) was killed by signal Killed"), or None for any
+    other exception. Torch raises it from its SIGCHLD handler or its queue check, wherever the
+    main process happens to be while a worker is alive."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    # The queue check's "exited unexpectedly" may chain the SIGCHLD handler's more telling error.
+    chain = [e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, RuntimeError)]
+    found = [m for m in (_WORKER_DIED.search(str(e)) for e in chain) if m]
+    if not found:
+        return None
+    pids, signal_name, code = max(found, key=lambda m: m.group(2) is not None or m.group(3) is not None).groups()
+    what = (
+        f"was killed by signal {signal_name.strip()}" if signal_name
+        else f"exited unexpectedly with exit code {code}" if code is not None
+        else "exited unexpectedly"
+    )
+    return f"a data-loading worker process (pid {pids.strip()}) {what} (out of memory, or an image crashed its decoder)"
 
 
 def require_extra(extra: str, *modules: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from .checkpoint import load_checkpoint
 from .config import EvaluateConfig
 from .data import scan_image_folder
-from .errors import DataError, OutputError
+from .errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,11 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     """Score the labelled folder, build the report, and write what ``cfg`` asks for."""
     from .predict import Predictor
 
+    if (cfg.calibrate or cfg.target_coverage is not None) and cfg.checkpoint.lower().endswith(".onnx"):
+        raise ConfigError(
+            "--calibrate and --target-coverage store their results in a checkpoint, and an ONNX export is "
+            "read-only: evaluate the .pt checkpoint with them, then export it again"
+        )
     if cfg.output:
         _check_output_dir(cfg.output, cfg.force)
     folder = resolve_eval_folder(cfg.data_dir, cfg.split)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import re
 
-worker_class = "gthread"  # request threads feed each worker's micro-batcher
+# gthread (request threads feed each worker's micro-batcher), with a deadline on reading each
+# request and JSON error bodies for the errors gunicorn answers itself
+worker_class = "cnnkit.serve.BoundedThreadWorker"
 threads = 16
 preload_app = False  # the model loads in each worker, after the fork, never in the master
 accesslog = None  # the app logs one JSON line per request instead

@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .config import PredictConfig
 from .data import ImageDataset, collate, expand_inputs, load_category_names
 from .engine import default_workers, resolve_device
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, OutputError, WorkerError, worker_death
 from .transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,26 @@ class Prediction:
         # 6 decimals, as in CSV: beyond that, floats differ with the batch an image was in.
         row["predictions"] = [{**g.__dict__, "probability": round(g.probability, 6)} for g in self.top]
         return row
+
+
+CPU_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 32
+
+
+def scoring_defaults(device: torch.device, batch_size: int | None, workers: int | None) -> tuple[int, int]:
+    """Batch size and decoding workers for scoring on ``device``, where not given.
+
+    Measured on a 2-core CPU (benchmarks/RESULTS.md): CPU inference is cache-bound, so batches
+    of 4-8 ran 1.3-2x faster than 32; and decoding workers there only take cores from torch's
+    threads (0 workers was as fast or faster than 1 or 2). With more cores, or a GPU doing the
+    arithmetic, decoding in workers overlaps with the forward pass.
+    """
+    if batch_size is None:
+        batch_size = CPU_BATCH_SIZE if device.type == "cpu" else GPU_BATCH_SIZE
+    if workers is None:
+        cores = default_workers(None)
+        workers = 0 if device.type == "cpu" and cores <= 2 else cores
+    return batch_size, workers
 
 
 class Predictor:
@@ -131,15 +151,16 @@ class Predictor:
     def score_paths(
         self,
         paths: Sequence[str],
-        batch_size: int = 32,
+        batch_size: int | None = None,
         workers: int | None = None,
         progress: bool = False,
         calibrated: bool = True,
     ) -> Iterator[tuple[str, torch.Tensor | None, str | None]]:
         """``(path, class probabilities or None, error or None)`` for each path, in order, as
-        batches are scored; images are decoded in DataLoader workers."""
+        batches are scored; images are decoded in DataLoader workers (see :func:`scoring_defaults`)."""
+        batch_size, workers = scoring_defaults(self.device, batch_size, workers)
         n_batches = math.ceil(len(paths) / batch_size)
-        workers = min(default_workers(workers), n_batches if n_batches > 1 else 0)
+        workers = min(workers, n_batches if n_batches > 1 else 0)
         loader = DataLoader(
             ImageDataset(paths, self.transform, max_pixels=self.checkpoint.preprocess.max_pixels),
             batch_size=batch_size,
@@ -160,7 +181,7 @@ class Predictor:
         self,
         paths: Sequence[str],
         top_k: int = 1,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         workers: int | None = None,
         progress: bool = False,
     ) -> Iterator[Prediction]:
@@ -228,11 +249,17 @@ def predict_to_output(cfg: PredictConfig, stdout: IO[str]) -> WriteSummary:
     if append and fmt == "csv":
         _check_csv_header(cfg.output, _csv_header(stream.top_k, stream.abstain))
     try:
-        with open(cfg.output, "a" if append else "w", encoding="utf-8", newline="") as out:
+        with open(cfg.output, "a" if append else "w", encoding="utf-8", errors="surrogateescape", newline="") as out:
             return write_predictions(stream, fmt, out, stream.top_k, stream.abstain, header=not append)
     except OSError as exc:
         raise OutputError(f"cannot write {cfg.output}: {exc.strerror or exc}; rows written so far are kept, "
                           "continue with --resume") from None
+    except RuntimeError as exc:
+        died = worker_death(exc)
+        if died is None:
+            raise
+        raise WorkerError(f"{died}; {cfg.output} keeps the rows written so far: continue with --resume "
+                          "(--workers 0 decodes in the main process)") from None
 
 
 def select_shard(paths: Iterable[str], k: int, n: int) -> list[str]:
@@ -246,7 +273,7 @@ def scored_paths(output: str, fmt: str) -> set[str]:
     if not os.path.exists(output):
         return set()
     done: set[str] = set()
-    with open(output, encoding="utf-8", newline="") as handle:
+    with open(output, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         if fmt == "csv":
             reader = csv.reader(handle)
             next(reader, None)
@@ -278,7 +305,7 @@ def _drop_partial_last_line(path: str) -> None:
 
 
 def _check_csv_header(path: str, expected: list[str]) -> None:
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         header = next(csv.reader(handle), None)
     if header is not None and header != expected:
         raise ConfigError(
@@ -327,7 +354,11 @@ def write_predictions(
         elif fmt == "json":
             out.write(("\n  " if first else ",\n  ") + json.dumps(pred.to_dict(abstain), ensure_ascii=False))
         elif csv_writer is not None:
-            csv_writer.writerow(_csv_row(pred, top_k, abstain))
+            row = _csv_row(pred, top_k, abstain)
+            # csv quotes a field holding "\n" (the line terminator) but not a bare "\r", which
+            # readers take as a line break: a path with one would split its row in two.
+            (csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL) if any("\r" in f for f in row)
+             else csv_writer).writerow(row)
         first = False
         out.flush()
     if fmt == "json":

@@ -16,12 +16,19 @@ Endpoints::
     GET  /ready      readiness: model loaded and warmed up (503 until then)
     GET  /metadata   classes, arch, preprocessing, checkpoint summary, serving limits
     GET  /metrics    Prometheus text format, all workers together (gunicorn multi-process mode)
+    GET  /openapi.json  the OpenAPI 3 description of all of the above (``cnnkit/openapi.json``)
 
 Errors are JSON ``{"error": "...", "status": N}``: 400 malformed request (bad JSON or base64, no
-image, empty image, bad top_k), 405, 404, 413 body over ``max_bytes`` or more than
-``max_images`` images, 415 wrong content type, 422 an image that cannot be decoded (not an image,
+image, empty image, bad top_k, a body that ends early or is malformed), 405, 404, 408 a request
+that did not arrive within ``timeout`` (a slow or stalled client), 413 body over ``max_bytes``
+(whatever Content-Length says, chunked bodies too) or more than ``max_images`` images or too many
+multipart parts, 415 wrong content type, 422 an image that cannot be decoded (not an image,
 corrupt, truncated, too many pixels, too elongated), 500 internal failure (logged), 503 not ready
-or timed out waiting for the model.
+or timed out waiting for the model. Under ``cnnkit serve`` (gunicorn with
+:class:`BoundedThreadWorker`), errors gunicorn itself answers (a malformed request line or
+headers, bad chunked encoding) are JSON too, and reading one request, headers and body, may take
+at most ``timeout`` seconds: a client that stalls or trickles bytes holds a request thread no
+longer than that.
 
 Test hook, off by default: with ``CNNKIT_SERVE_TEST_HOOKS=1`` in the server's environment, a
 request carrying the header ``X-Cnnkit-Test-Fault: model`` makes the model raise while scoring it,
@@ -64,6 +71,10 @@ TEST_FAULT_HEADER = "X-Cnnkit-Test-Fault"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class RequestTimeout(TimeoutError):
+    """A client did not send its whole request (headers and body) within the server's timeout."""
 
 
 class HttpError(Exception):
@@ -395,7 +406,6 @@ class ModelService:
 
     def prepare(self, blobs: Sequence[tuple[str | None, bytes]]) -> torch.Tensor:
         """Decode and preprocess request images (in the request's thread) into one batch."""
-        preprocess = self.predictor.checkpoint.preprocess
         tensors = []
         for index, (name, data) in enumerate(blobs):
             which = _which(index, name, len(blobs))
@@ -533,24 +543,62 @@ def _decode_base64(value: Any, index: int, count: int) -> bytes:
         raise HttpError(400, f"{which} is not valid base64", index=index) from None
 
 
+def _read_body(read: Callable[[], Any], timeout: float) -> Any:
+    """``read()`` (what reads the request body), with a client's failure to send it as a 4xx.
+
+    A body that stops arriving within the timeout is a 408; one that ends early, or whose chunked
+    encoding is malformed, a 400 (gunicorn raises its own exceptions for those, and werkzeug turns
+    socket errors into ClientDisconnected), never a 500.
+    """
+    from werkzeug.exceptions import HTTPException
+
+    late = f"the request body did not arrive within {timeout:g} s (--timeout); send it faster or in one go"
+    try:
+        return read()
+    except RequestTimeout:
+        raise HttpError(408, late) from None
+    except HTTPException as exc:
+        cause = exc.__context__
+        if isinstance(cause, RequestTimeout):
+            raise HttpError(408, late) from None
+        if exc.code == 400:  # werkzeug's ClientDisconnected: the stream failed or ended early
+            detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+            raise HttpError(400, f"the request body ended early or could not be read{detail}") from None
+        raise  # 413: the body limit
+    except Exception as exc:
+        if isinstance(exc, OSError) or type(exc).__module__.startswith("gunicorn.http"):
+            raise HttpError(400, f"the request body could not be read: {type(exc).__name__}: {exc}") from None
+        raise
+
+
 def parse_predict_request(request: Any, cfg: ServeConfig) -> tuple[list[tuple[str | None, bytes]], int]:
     """``([(filename or None, bytes), ...], top_k)`` from a Flask request, or HttpError."""
     mimetype = request.mimetype or ""
     query_k = request.args.get("top_k")
     if mimetype == "multipart/form-data":
-        files = request.files.getlist("image")
+        files = _read_body(lambda: request.files, cfg.timeout).getlist("image")
         if not files:
+            if request.form.getlist("image"):
+                raise HttpError(400, "the multipart field 'image' is text, not a file: send it with a filename "
+                                     "(-F image=@photo.jpg)")
             raise HttpError(400, "no file in the multipart field 'image' (send -F image=@photo.jpg)")
         if len(files) > cfg.max_images:
             raise HttpError(413, f"too many images in one request: {len(files)} (limit {cfg.max_images})")
         blobs = [(f.filename or None, f.read()) for f in files]
         return blobs, _parse_top_k(request.form.get("top_k", query_k), cfg.top_k)
     if mimetype == "application/json" or mimetype.endswith("+json"):
-        raw = request.get_data(cache=False)
+        raw = _read_body(lambda: request.get_data(cache=False), cfg.timeout)
+        if request.content_length is None and len(raw) >= cfg.max_bytes and _read_body(
+                lambda: request.environ["wsgi.input"].read(1), cfg.timeout):
+            # A streamed (chunked) body: werkzeug stops reading at the limit and returns what it
+            # read, silently cut; one more byte means the body was over it.
+            raise HttpError(413, f"request body too large (limit {cfg.max_bytes:,} bytes, --max-bytes)")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise HttpError(400, f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise HttpError(400, "malformed JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise HttpError(400, 'the JSON body must be an object: {"image": "<base64>"} or {"images": [...]}')
         if "image" in body and "images" in body:
@@ -573,6 +621,22 @@ def parse_predict_request(request: Any, cfg: ServeConfig) -> tuple[list[tuple[st
 
 
 # --- the Flask application ----------------------------------------------------------------
+
+
+def openapi_spec(cfg: ServeConfig | None = None) -> dict[str, Any]:
+    """The OpenAPI 3 description of the server (``cnnkit/openapi.json``), as ``GET /openapi.json``
+    serves it: with cnnkit's version, and ``cfg``'s image limit when given."""
+    from importlib import resources
+
+    from . import __version__
+
+    spec = json.loads(resources.files(__package__).joinpath("openapi.json").read_text(encoding="utf-8"))
+    spec["info"]["version"] = __version__
+    if cfg is not None:
+        schemas = spec["components"]["schemas"]
+        schemas["MultipartPredictRequest"]["properties"]["image"]["maxItems"] = cfg.max_images
+        schemas["JsonPredictRequest"]["oneOf"][1]["properties"]["images"]["maxItems"] = cfg.max_images
+    return spec
 
 
 def _setup_logging() -> None:
@@ -607,6 +671,7 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
         cfg = dataclasses.replace(config, checkpoint=os.fspath(checkpoint), **options)
     _setup_logging()
     service = ModelService(cfg)
+    spec = openapi_spec(cfg)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -626,6 +691,11 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
     def _werkzeug_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         if status == 413:
+            length = request.content_length
+            if length is not None and length <= cfg.max_bytes:  # the multipart parser's own limits
+                parts, memory = app.config.get("MAX_FORM_PARTS"), app.config.get("MAX_FORM_MEMORY_SIZE")
+                limits = f" (at most {parts} parts, text fields up to {memory:,} bytes)" if parts and memory else ""
+                return error_response(413, f"the multipart body has too many parts or too large a text field{limits}")
             return error_response(413, f"request body too large (limit {cfg.max_bytes:,} bytes, --max-bytes)")
         return error_response(status, exc.description or exc.name)
 
@@ -702,10 +772,181 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
         body, content_type = service.metrics.render()
         return Response(body, content_type=content_type)
 
+    @app.get("/openapi.json")
+    def openapi() -> Response:
+        return jsonify(spec)
+
     return app
 
 
 # --- gunicorn -----------------------------------------------------------------------------
+
+
+FIRST_BYTES_WAIT = 0.05  # seconds a new connection may take to send its first bytes before it is parked
+
+
+class _HeaderTimeout(Exception):
+    """The request line and headers did not arrive in time (the worker answers 408 itself)."""
+
+
+class _DeadlineSocket:
+    """A client connection whose reads share one deadline per request.
+
+    gunicorn's gthread worker reads a request's line, headers and body with blocking reads and no
+    timeout: a client that sends part of a request and stalls, or trickles it a byte at a time,
+    holds a request thread until it disconnects, and a few dozen such clients stop the server.
+    :class:`BoundedThreadWorker` arms this wrapper for each request: its first read starts the
+    clock, and every read waits at most what is left of ``limit`` seconds, then raises. Anything
+    else is the socket's own (``__getattr__``); reads for which gunicorn set a timeout itself
+    (draining an unread body, closing) are left alone.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._limit: float | None = None
+        self._deadline: float | None = None
+        self.reading_body = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def arm(self, limit: float) -> None:
+        self._limit, self._deadline, self.reading_body = limit, None, False
+
+    def disarm(self) -> None:
+        self._limit = self._deadline = None
+
+    def recv(self, size: int, *flags: int) -> bytes:
+        if self._limit is None or self._sock.gettimeout() is not None:
+            return self._sock.recv(size, *flags)
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self._limit
+        remaining = self._deadline - now
+        if remaining > 0:
+            self._sock.settimeout(remaining)
+            try:
+                return self._sock.recv(size, *flags)
+            except TimeoutError:  # socket.timeout
+                pass
+            finally:
+                self._sock.settimeout(None)
+        message = f"the request did not arrive within {self._limit:g} s (--timeout)"
+        raise RequestTimeout(message) if self.reading_body else _HeaderTimeout(message)
+
+
+class _CapturedSocket:
+    """Stands in for a client socket to capture the error response gunicorn would write."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def gettimeout(self) -> float:
+        return 0.0
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+
+_WORKER_CLASS: type | None = None
+
+
+def _bounded_worker_class() -> type:
+    """:class:`BoundedThreadWorker`, defined on first use (gunicorn is an optional extra)."""
+    global _WORKER_CLASS
+    if _WORKER_CLASS is not None:
+        return _WORKER_CLASS
+    from gunicorn import util as gunicorn_util
+    from gunicorn.workers import gthread
+    from gunicorn.workers.gthread import ThreadWorker
+
+    # gunicorn >= 25 gives a new connection's first bytes 5 s in a request thread before it parks
+    # the connection in its poller (returning this sentinel): clients that connect and send
+    # nothing would hold the threads, 5 s each. They get a moment here, then the poller waits.
+    defer = getattr(gthread, "_DEFER", None)
+
+    def write_json_error(sock: Any, status: int, reason: str, message: str, model: str | None) -> None:
+        body = json.dumps({"error": message, "status": status}).encode()
+        head = [f"HTTP/1.1 {status} {reason}", "Connection: close", "Content-Type: application/json",
+                f"Content-Length: {len(body)}"]
+        if model:
+            head.append(f"X-Model-Version: {model}")
+        gunicorn_util.write_nonblock(sock, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+    class BoundedThreadWorker(ThreadWorker):
+        """gunicorn's gthread worker with a deadline on reading each request, and JSON errors.
+
+        Reading a request, line, headers and body, may take at most the app's ``timeout``
+        (``--timeout``) seconds: a slow or stalled client gets a 408 and its connection is closed,
+        so it holds a request thread that long at most. Errors gunicorn answers itself (a
+        malformed request line or header, bad chunked encoding, headers too large, the 408) get
+        the app's JSON body ``{"error": ..., "status": N}`` instead of gunicorn's HTML page.
+        """
+
+        def _service(self) -> ModelService | None:
+            extensions = getattr(getattr(self, "wsgi", None), "extensions", None)
+            return extensions.get("cnnkit") if isinstance(extensions, dict) else None
+
+        @property
+        def read_timeout(self) -> float:
+            service = self._service()
+            return float(service.cfg.timeout) if service is not None else ServeConfig.timeout
+
+        def handle(self, conn: Any) -> Any:
+            if (defer is not None and not getattr(conn, "initialized", True) and not getattr(conn, "data_ready", True)
+                    and not conn.wait_for_data(FIRST_BYTES_WAIT)):
+                return defer  # silent so far: wait in the poller (up to --keepalive), not in a thread
+            if self.cfg.is_ssl:  # the TLS layer must wrap the real socket
+                return super().handle(conn)
+            if not isinstance(conn.sock, _DeadlineSocket):
+                conn.sock = _DeadlineSocket(conn.sock)  # before the connection's parser is made
+            sock = conn.sock
+            sock.arm(self.read_timeout)
+            try:
+                return super().handle(conn)
+            finally:
+                sock.disarm()
+
+        def handle_request(self, req: Any, conn: Any) -> Any:
+            if isinstance(conn.sock, _DeadlineSocket):
+                conn.sock.reading_body = True  # a timeout now surfaces in the app, as a 408
+            return super().handle_request(req, conn)
+
+        def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+            service = self._service()
+            model = service.model_version if service is not None else None
+            if isinstance(exc, (_HeaderTimeout, RequestTimeout)):
+                self.log.info("Request timeout from %s: %s", (addr or ("",))[0], exc)
+                try:
+                    write_json_error(client, 408, "Request Timeout", f"{exc}; the connection is closed", model)
+                except Exception:
+                    self.log.debug("Failed to send the 408.")
+                return
+            captured = _CapturedSocket()
+            super().handle_error(req, captured, addr, exc)  # logs, and picks the status
+            try:
+                _, code, reason = captured.data.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+                status = int(code)
+            except ValueError:
+                return
+            message = f"{reason}: {exc}" if status < 500 else "internal error (logged)"
+            try:
+                write_json_error(client, status, reason, message, model)
+            except Exception:
+                self.log.debug("Failed to send error message.")
+
+    BoundedThreadWorker.__module__ = __name__
+    _WORKER_CLASS = BoundedThreadWorker
+    return BoundedThreadWorker
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BoundedThreadWorker":  # "cnnkit.serve.BoundedThreadWorker" for gunicorn's worker_class
+        return _bounded_worker_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def gunicorn_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -778,6 +1019,8 @@ def serve(cfg: ServeConfig) -> None:
 
             settings = {k: v for k, v in vars(gunicorn_conf).items() if not k.startswith("_")}
             for key, value in {**settings, **gunicorn_options(cfg)}.items():
+                if key == "worker_class" and value == "gthread":
+                    value = _bounded_worker_class()  # gthread, with a read deadline and JSON errors
                 if key in self.cfg.settings:  # as gunicorn's -c: names that are not settings are skipped
                     self.cfg.set(key, value)
 

@@ -9,8 +9,9 @@ rebuilds its pipeline from it, so the two can never diverge.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -99,10 +100,14 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
     their pixels are decoded.
     """
     limit = max_pixels or PreprocessConfig().max_pixels
+    handle = _open_file(path) if isinstance(path, (str, bytes, os.PathLike)) else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            # PIL's complaints about damaged metadata ("Corrupt EXIF data"): the image is scored,
+            # or refused with its reason, either way; a bare warning naming no file helps nobody.
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+            with Image.open(path if handle is None else handle) as image:
                 width, height = image.size
                 if width * height > limit:
                     raise ImageError(f"image too large: {width}x{height} pixels (limit {limit:,})")
@@ -113,16 +118,50 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large: {exc}") from None
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory, not an image") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise _open_error(exc) from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image file (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+    except Exception as exc:  # PIL's parsers, fed a damaged file, raise TypeError, IndexError...
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise ImageError(f"corrupt image ({type(exc).__name__}{': ' + detail if detail else ''})") from None
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _open_file(path: str | bytes | os.PathLike) -> BinaryIO:
+    """Open ``path`` for reading without blocking on a named pipe that has no writer (one in a
+    folder of images would hang the whole run; opened this way it reads as empty, and is refused
+    as not an image), while a pipe that has one (``<(curl ...)``) is read as before."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise _open_error(exc) from None
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise ImageError("is a directory, not an image")
+        if nonblocking:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_OPEN_ERRORS = {
+    FileNotFoundError: "file not found",
+    IsADirectoryError: "is a directory, not an image",
+    PermissionError: "permission denied",
+}
+
+
+def _open_error(exc: OSError) -> ImageError:
+    reason = next((text for kind, text in _OPEN_ERRORS.items() if isinstance(exc, kind)), None)
+    return ImageError(reason or f"cannot open: {exc.strerror or exc}")  # a symlink loop, a name too long...
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -139,13 +178,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # PIL's convert() would clip everything above 255 to white. Integer modes come from 16-bit
         # PNG/TIFF files (PIL opens many as plain "I"), so their range is 0..65535 whatever the
         # content: a fixed scale keeps brightness from depending on the brightest pixel.
-        pixels = np.asarray(image, dtype=np.float64)
+        # One float32 working copy, scaled in place: at the pixel limit each float64 copy of the
+        # image would cost 716 MB.
+        pixels = np.array(image, dtype=np.float32)
+        np.nan_to_num(pixels, copy=False)  # NaN (a damaged float image) is black, not undefined
         if image.mode == "F":
             scale = 255.0 if pixels.max(initial=0.0) <= 1.0 else 1.0  # float images: [0, 1] or [0, 255]
         else:
             scale = 255.0 / 65535.0
-        gray = np.clip(pixels * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        pixels *= scale
+        np.clip(pixels, 0, 255, out=pixels)
+        return Image.fromarray(pixels.astype(np.uint8), mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

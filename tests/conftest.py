@@ -29,6 +29,22 @@ from helpers import (
     tiny_train_config,
 )
 
+# --- hypothesis profiles --------------------------------------------------------------------
+# "ci" (the default) keeps every fuzz harness within its share of a one-minute budget on two
+# cores; `pytest --hypothesis-profile=long` runs 20x more examples (docs/RELIABILITY.md). Tests
+# size their own budgets as multiples of the loaded profile's max_examples (see fuzz_budget in
+# fuzz_helpers.py), so the profile scales all of them. No example database: runs are reproducible
+# from the seed hypothesis prints on failure, and the tree stays clean.
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+
+    _FUZZ = dict(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    _hypothesis_settings.register_profile("ci", max_examples=100, **_FUZZ)
+    _hypothesis_settings.register_profile("long", max_examples=2000, **_FUZZ)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is in the test extra; without it only the fuzz tests skip
+    pass
+
 # --- data fixtures --------------------------------------------------------------------------
 
 

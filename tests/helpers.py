@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 from PIL import Image
 
 CLASSES = ("blue", "green", "red")  # sorted, as ImageFolder orders them
@@ -178,3 +180,18 @@ def interrupt_training_call(monkeypatch, n: int) -> list:
 
     monkeypatch.setattr(engine, "run_epoch", run)
     return calls
+
+
+def as_ordinary_user(probe: list[str]) -> list[str]:
+    """A command prefix under which file permissions apply: none for an ordinary user; for root
+    (as in many containers), setpriv dropping the capabilities that let root read and write any
+    file. ``probe`` is a command that permissions must make fail (reading a mode-000 file, say)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, which ignores file permissions, and setpriv is missing")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    if subprocess.run([*prefix, *probe], capture_output=True).returncode == 0:
+        pytest.skip("running as root, and dropping root's file-access capabilities is not allowed here")
+    return prefix

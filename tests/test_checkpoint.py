@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import cnnkit.checkpoint as checkpoint_module
-from cnnkit.checkpoint import FORMAT, FORMAT_VERSION, Checkpoint, atomic_save, describe, load_checkpoint
+from cnnkit.checkpoint import (
+    FORMAT, FORMAT_VERSION, Checkpoint, atomic_save, describe, format_description, load_checkpoint,
+)
 from cnnkit.config import PreprocessConfig
 from cnnkit.errors import CheckpointError, OutputError
 from cnnkit.models import build_model
@@ -293,3 +295,13 @@ def test_describe_reports_metadata_without_weights(trained):
     n_params = sum(t.numel() for t in load_checkpoint(trained.last).state_dict.values() if t.is_floating_point())
     assert meta["parameters"] == n_params > 11_000_000
     assert describe(trained.best)["resumable"] is False
+
+
+def test_info_text_shows_calibration_and_drift_reference(trained, tmp_path):
+    ckpt = load_checkpoint(trained.best)
+    ckpt.calibration = {"temperature": 1.5, "abstain_threshold": 0.42}
+    ckpt.save(tmp_path / "calibrated.pt")
+    text = format_description(describe(tmp_path / "calibrated.pt"))
+    assert "calibration  temperature 1.5, abstain threshold 0.42" in text
+    assert "drift ref    stored" in text
+    assert "calibration" not in format_description(describe(trained.last)).split("drift ref")[0]

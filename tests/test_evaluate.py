@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnnkit.config import EvaluateConfig
-from cnnkit.errors import DataError, OutputError
+from cnnkit.errors import ConfigError, DataError, OutputError
 from cnnkit.evaluate import (
     abstain_threshold,
     classification_report,
@@ -205,3 +205,9 @@ def test_evaluate_cli_prints_the_table_and_fails_cleanly(trained, image_folder, 
     missing = run_cli(["evaluate", str(trained.best), str(tmp_path / "nope")], cli_env)
     assert missing.returncode == 3
     assert_one_line_error(missing.stderr, "not found")
+
+
+def test_calibrating_an_onnx_export_is_refused_before_scoring(tmp_path):
+    model = tmp_path / "model.onnx"  # never opened: the options are refused first
+    with pytest.raises(ConfigError, match="evaluate the .pt checkpoint"):
+        evaluate(EvaluateConfig(checkpoint=str(model), data_dir=str(tmp_path), calibrate=True))

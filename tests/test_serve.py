@@ -13,10 +13,7 @@ import io
 import json
 import math
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -39,57 +36,15 @@ from deploy_helpers import (  # noqa: E402
     image_bytes,
     make_checkpoint,
     metric,
-    metric_values,
     multipart,
     post_images,
     post_json,
 )
 from helpers import assert_one_line_error, run_cli  # noqa: E402
+from http_server import start_server  # noqa: E402
 
 MAX_BYTES, MAX_IMAGES, MAX_PIXELS, DRIFT_WINDOW = 200_000, 4, 20_000, 20
 WORKERS = 2
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen, base: str, log: Path, checkpoint: Path):
-        self.process = process
-        self.base = base
-        self.log = log
-        self.checkpoint = checkpoint
-
-    def log_text(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def worker_pids(self) -> set[int]:
-        """The gunicorn master's child processes (from /proc: Linux)."""
-        if not os.path.isdir("/proc/self"):
-            pytest.skip("needs /proc")
-        children = set()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue  # gone meanwhile
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid:  # field 4: parent pid
-                    children.add(int(entry))
-        return children
-
-    def records(self) -> list[dict]:
-        """The server's JSON request log lines."""
-        found = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    found.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line still being written
-        return found
-
-    def metrics(self) -> dict:
-        answer = http(self.base, "GET", "/metrics")
-        assert answer.status == 200
-        return metric_values(answer.text)
 
 
 @pytest.fixture(scope="module")
@@ -99,40 +54,16 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("CNNKIT_DEBUG", "PROMETHEUS_MULTIPROC_DIR")}
-    env.update(CNNKIT_SERVE_TEST_HOOKS="1", PYTHONUNBUFFERED="1")
-    args = [
-        sys.executable, "-m", "cnnkit", "serve", str(checkpoint), "--port", str(port),
-        "--workers", str(WORKERS), "--threads", "8", "--max-batch", "8", "--max-wait-ms", "50",
-        "--max-bytes", str(MAX_BYTES), "--max-images", str(MAX_IMAGES), "--max-pixels", str(MAX_PIXELS),
-        "--drift-window", str(DRIFT_WINDOW), "--timeout", "20", "--device", "cpu",
-    ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-    instance = Server(process, f"http://127.0.0.1:{port}", log, checkpoint)
+    instance = start_server(
+        checkpoint, tmp_path_factory.mktemp("serve-log") / "server.log",
+        "--threads", "8", "--max-batch", "8", "--max-wait-ms", "50", "--max-bytes", str(MAX_BYTES),
+        "--max-images", str(MAX_IMAGES), "--max-pixels", str(MAX_PIXELS), "--drift-window", str(DRIFT_WINDOW),
+        workers=WORKERS, timeout=20, env_extra={"CNNKIT_SERVE_TEST_HOOKS": "1"},
+    )
     try:
-        ready_workers: set[int] = set()
-        deadline = time.monotonic() + 90
-        while len(ready_workers) < WORKERS:  # every worker loaded and warmed up
-            assert process.poll() is None, f"server exited with {process.returncode}:\n{instance.log_text()}"
-            assert time.monotonic() < deadline, f"server not ready in time:\n{instance.log_text()}"
-            try:
-                answer = http(instance.base, "GET", "/ready", timeout=5)
-                if answer.status == 200:
-                    ready_workers.add(answer.json["worker"])
-            except OSError:
-                pass
-            time.sleep(0.1)
         yield instance
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        instance.stop()
 
 
 # --- happy paths ----------------------------------------------------------------------------
