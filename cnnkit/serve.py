@@ -783,6 +783,7 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
 
 
 FIRST_BYTES_WAIT = 0.05  # seconds a new connection may take to send its first bytes before it is parked
+ACCEPT_DELAY_PER_CONNECTION = 0.001  # seconds; see BoundedThreadWorker.accept
 
 
 class _HeaderTimeout(Exception):
@@ -884,6 +885,7 @@ def _bounded_worker_class() -> type:
         so it holds a request thread that long at most. Errors gunicorn answers itself (a
         malformed request line or header, bad chunked encoding, headers too large, the 408) get
         the app's JSON body ``{"error": ..., "status": N}`` instead of gunicorn's HTML page.
+        New connections go preferably to the least busy worker (:meth:`accept`).
         """
 
         def _service(self) -> ModelService | None:
@@ -894,6 +896,16 @@ def _bounded_worker_class() -> type:
         def read_timeout(self) -> float:
             service = self._service()
             return float(service.cfg.timeout) if service is not None else ServeConfig.timeout
+
+        def accept(self, listener: Any) -> None:
+            # Every worker's poller wakes for a new connection and the first to call accept()
+            # takes it, however many requests it already holds: an unlucky worker then batches
+            # more images per forward pass than the others, and its requests make the latency
+            # tail. A worker holding connections waits a moment per connection first, so the
+            # least busy one usually wins (what nginx's accept_mutex does by lock instead).
+            if self.nr_conns and self.cfg.workers > 1:
+                time.sleep(ACCEPT_DELAY_PER_CONNECTION * min(self.nr_conns, 10))
+            super().accept(listener)
 
         def handle(self, conn: Any) -> Any:
             if (defer is not None and not getattr(conn, "initialized", True) and not getattr(conn, "data_ready", True)

@@ -56,7 +56,7 @@ SCORING = ["--top-k", "3", "--batch-size", "4", "--device", "cpu", "--no-progres
 
 WRAPPER = '''\
 """python wrapper.py FAULT ARG MARKER CNNKIT-ARGS...: the cnnkit CLI with one fault injected."""
-import io, os, signal, sys, time
+import hashlib, io, os, signal, sys, time
 
 fault, arg, marker, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 import torch
@@ -64,9 +64,9 @@ import cnnkit.data
 import cnnkit.engine
 
 
-def stall():  # tell the test where we are, then wait for its SIGKILL
-    with open(marker, "w"):
-        pass
+def stall(note=""):  # tell the test where we are, then wait for its SIGKILL
+    with open(marker, "w") as handle:
+        handle.write(note)
     time.sleep(600)
     os._exit(99)
 
@@ -84,7 +84,10 @@ if fault == "stall-save":  # the ARG-th checkpoint write stops half-way, its byt
         f.write(data[: len(data) // 2])
         f.flush()
         os.fsync(f.fileno())
-        stall()
+        # the file this write replaces (.best.pt.XXXXXXXX.tmp -> best.pt), as it is now
+        temporary = os.readlink(f"/proc/self/fd/{f.fileno()}")  # (atomic_save writes to an fd)
+        target = os.path.join(os.path.dirname(temporary), os.path.basename(temporary)[1:].rsplit(".", 2)[0])
+        stall(hashlib.sha256(open(target, "rb").read()).hexdigest() if os.path.exists(target) else "")
 
     torch.save = save
 elif fault == "stall-finish":  # stop while the finished run adds its drift statistics to best.pt
@@ -340,8 +343,9 @@ def kill_resume_chain(image_folder, save_dir, env, wrapper, tmp_path, reference,
         if kind == "stalled-write":
             (partial,) = [n for n in left if n.startswith(CHECKPOINT_TMP)]
             assert (save_dir / partial).stat().st_size > 0
-            target = partial.split(".tmp")[0][1:].rsplit(".", 1)[0]  # .best.pt.XXXXXXXX.tmp -> best.pt
-            assert digest(save_dir / target) == before[target]  # the file being replaced is untouched
+            target = partial[1:].rsplit(".", 2)[0]  # .best.pt.XXXXXXXX.tmp -> best.pt
+            # the file being replaced is as it was when the write began (the marker holds its digest)
+            assert (digest(save_dir / target) or "") == marker.read_text()
         if kind == "finishing":
             assert epoch == EPOCHS and load_checkpoint(save_dir / "best.pt").reference_stats is None
         notes.append(f"{kind}: last.pt epoch {epoch_before} -> {epoch}, left {left or 'no temporaries'}")
@@ -358,11 +362,14 @@ def test_kill_9_at_random_points_and_mid_write_then_resume_equals_the_uninterrup
     image_folder, env, wrapper, tmp_path, reference
 ):
     rng = random.Random(SEED)
+    # Start-up (importing torch) is most of a tiny run: a random time late in it lands in training.
+    # The third checkpoint write is in the second epoch (the first wrote best.pt and last.pt), or
+    # after a resume, later still: a kill there leaves a last.pt of a finished epoch to resume.
     plan = [
         ("before-first-epoch", None),
-        ("random", rng.uniform(0.2, 0.6) * reference.seconds),
+        ("random", rng.uniform(0.55, 0.85) * reference.seconds),
         ("writing-last", None),
-        ("stalled-write", 1),
+        ("stalled-write", 3),
         ("finishing", None),
     ]
     notes = kill_resume_chain(image_folder, tmp_path / "run", env, wrapper, tmp_path, reference, plan)

@@ -512,3 +512,26 @@ def test_torch_threads_share_the_cores_among_workers(monkeypatch):
 def test_serve_config_names_the_flag_to_fix(field, value, flag):
     with pytest.raises(ConfigError, match=flag):
         ServeConfig("m.pt", **{field: value})
+
+
+def test_a_busy_worker_leaves_new_connections_to_an_idler_one(monkeypatch):
+    """Load-aware accept (benchmarks/RESULTS.md, Serving): a worker waits a moment per connection
+    it holds before accepting, only when there are other workers to take the connection."""
+    from types import SimpleNamespace
+
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from cnnkit import serve
+
+    worker_class = serve._bounded_worker_class()
+    worker = worker_class.__new__(worker_class)  # only what accept() reads
+    slept: list[float] = []
+    accepted: list[str] = []
+    monkeypatch.setattr(serve.time, "sleep", slept.append)
+    monkeypatch.setattr(ThreadWorker, "accept", lambda self, listener: accepted.append(listener))
+    for workers, connections in [(2, 0), (2, 3), (2, 50), (1, 3)]:
+        worker.cfg, worker.nr_conns = SimpleNamespace(workers=workers), connections
+        worker.accept(f"{workers}/{connections}")
+    assert slept == [pytest.approx(3 * serve.ACCEPT_DELAY_PER_CONNECTION),
+                     pytest.approx(10 * serve.ACCEPT_DELAY_PER_CONNECTION)]
+    assert accepted == ["2/0", "2/3", "2/50", "1/3"]  # every connection is still accepted
