@@ -197,7 +197,7 @@ BAD_PAYLOADS = {
     "state-dict-missing-a-layer": (lambda: _payload(state_dict={k: v for i, (k, v) in enumerate(_checkpoint().state_dict.items()) if i}), "do not fit"),
     "unknown-arch": (lambda: _payload(arch="resnet9000"), "architecture .* do not have: .resnet9000"),
     "head-of-a-billion-units": (lambda: _payload(head={**_checkpoint().head.to_dict(), "hidden_units": 10**9}), "do not fit"),
-    "head-with-negative-classes": (lambda: _payload(head={**_checkpoint().head.to_dict(), "num_classes": -4}), ""),
+    "head-with-negative-classes": (lambda: _payload(head={**_checkpoint().head.to_dict(), "num_classes": -4}), "head of -4 outputs"),
     "classes-not-matching-the-head": (lambda: _payload(classes=["cat", "dog"]), "2 classes"),
     # wrong types
     "state-dict-with-a-number": (lambda: _payload(state_dict={**_checkpoint().state_dict, "fc.extra": 3}), "incomplete or damaged"),
