@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -852,14 +853,9 @@ class _CapturedSocket:
         self.data += data
 
 
-_WORKER_CLASS: type | None = None
-
-
+@functools.cache
 def _bounded_worker_class() -> type:
     """:class:`BoundedThreadWorker`, defined on first use (gunicorn is an optional extra)."""
-    global _WORKER_CLASS
-    if _WORKER_CLASS is not None:
-        return _WORKER_CLASS
     from gunicorn import util as gunicorn_util
     from gunicorn.workers import gthread
     from gunicorn.workers.gthread import ThreadWorker
@@ -951,7 +947,6 @@ def _bounded_worker_class() -> type:
                 self.log.debug("Failed to send error message.")
 
     BoundedThreadWorker.__module__ = __name__
-    _WORKER_CLASS = BoundedThreadWorker
     return BoundedThreadWorker
 
 
