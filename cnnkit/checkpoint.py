@@ -8,6 +8,7 @@ preprocessing config) and, for resumable files (``last.pt``), the training state
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -99,6 +100,7 @@ class Checkpoint:
             "training_state": self.training_state,
             "calibration": dict(self.calibration),
             "reference_stats": self.reference_stats,
+            "weights_sha256": weights_digest(self.state_dict),
         }
 
     @classmethod
@@ -129,9 +131,17 @@ class Checkpoint:
                 reference_stats=payload.get("reference_stats"),
             )
             ckpt._check_types(payload)
-            return ckpt
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{source} is an incomplete or damaged cnnkit checkpoint ({exc})") from None
+        # torch.load does not verify the zip's CRCs: a flipped bit in the weights would load
+        # silently. Files written before the checksum existed have none, and load as before.
+        expected = payload.get("weights_sha256")
+        if expected is not None and expected != weights_digest(ckpt.state_dict):
+            raise CheckpointError(
+                f"{source} is damaged: its weights do not match the checksum saved with them "
+                "(a flipped bit or a bad copy); use another copy of the file"
+            )
+        return ckpt
 
     def _check_types(self, payload: Mapping[str, Any]) -> None:
         """What the rest of cnnkit relies on (a hand-edited or damaged file may break it)."""
@@ -253,6 +263,16 @@ def _has_pickle(path: str) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+
+
+def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state_dict: every tensor's name, dtype, shape and bytes, in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:

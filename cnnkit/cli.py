@@ -313,7 +313,7 @@ def info(checkpoint: str, as_json: bool) -> None:
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())  # a folder: load_checkpoint says so
 @click.argument("data_dir", type=click.Path())
 @click.option("--split", default=None, help="Sub-folder of DATA_DIR to evaluate [default: test/ when present, else DATA_DIR].")
 @click.option("-k", "--top-k", type=int, default=5, show_default=True, help="k of the top-k accuracy.")
@@ -351,7 +351,7 @@ def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **opt
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())  # a folder: load_checkpoint says so
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--workers", type=int, default=None, help="gunicorn worker processes, each with its own copy of the model [default: one per core, up to 4].")
@@ -388,7 +388,7 @@ def serve(**options: Any) -> None:
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())  # a folder: load_checkpoint says so
 @click.option("--format", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True, help="onnx (for ONNX Runtime, and cnnkit predict/serve) or torchscript (torch.jit.load).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="File to write [default: CHECKPOINT with .onnx or .torchscript.pt].")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")

@@ -365,14 +365,15 @@ def write_report(result: EvaluationResult, folder: str, names: dict[str, str]) -
         return written[-1]
 
     try:
-        with open(path("report.json"), "w", encoding="utf-8") as handle:
+        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, as predict does
+        with open(path("report.json"), "w", encoding="utf-8", errors="surrogateescape") as handle:
             json.dump(report, handle, indent=2, ensure_ascii=False)
         with open(path("confusion_matrix.csv"), "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["true \\ predicted", *classes])
             for label, row in zip(classes, report["confusion_matrix"]):
                 writer.writerow([label, *row])
-        with open(path("predictions.csv"), "w", newline="", encoding="utf-8") as handle:
+        with open(path("predictions.csv"), "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             writer = csv.DictWriter(handle, ["path", "true", "predicted", "confidence", "correct"])
             writer.writeheader()
             writer.writerows(result.predictions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -211,3 +212,29 @@ def test_calibrating_an_onnx_export_is_refused_before_scoring(tmp_path):
     model = tmp_path / "model.onnx"  # never opened: the options are refused first
     with pytest.raises(ConfigError, match="evaluate the .pt checkpoint"):
         evaluate(EvaluateConfig(checkpoint=str(model), data_dir=str(tmp_path), calibrate=True))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file names as bytes")
+def test_report_files_keep_names_that_are_not_utf8_or_hold_a_carriage_return(trained, image_folder, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(image_folder / "valid", folder / "valid")
+    first, second = sorted((folder / "valid" / CLASSES[0]).iterdir())[:2]
+    raw = os.fsencode(first.parent) + b"/caf\xe9.png"  # a name from an old archive
+    os.rename(os.fsencode(first), raw)
+    second.rename(second.with_name("two\rlines.png"))
+    out = tmp_path / "report"
+    evaluate(_cfg(trained, folder, output=str(out)))
+    data = (out / "predictions.csv").read_bytes()
+    assert raw in data and b'"' + os.fsencode(second.with_name("two\rlines.png")) + b'"' in data
+    with open(out / "predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and os.fsdecode(raw) in {r["path"] for r in rows}
+    json.loads((out / "report.json").read_bytes().decode("utf-8", "surrogateescape"))
+
+
+def test_a_folder_as_the_checkpoint_is_one_line_exit_4(image_folder, cli_env, tmp_path):
+    for command in (["evaluate", str(tmp_path), str(image_folder)], ["export", str(tmp_path)],
+                    ["serve", str(tmp_path)]):
+        done = run_cli(command, cli_env)
+        assert done.returncode == 4, (command, done.stderr)
+        assert_one_line_error(done.stderr, "folder")

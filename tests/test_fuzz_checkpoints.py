@@ -177,6 +177,8 @@ def test_invalid_format_version_is_refused_as_damaged(folder, version):
 def _payload(**changes):
     payload = _checkpoint().to_dict()
     payload.update(changes)
+    if "state_dict" in changes:  # as a file from before weights checksums: the checks behind it run
+        del payload["weights_sha256"]
     return payload
 
 
@@ -361,3 +363,20 @@ def test_malicious_checkpoint_end_to_end_in_a_subprocess(bad_checkpoints, image,
     assert_one_line_error(result.stderr, "arbitrary Python objects", str(path))
     assert result.stdout == ""
     assert not (folder / "cli" / "pwned").exists()
+
+
+def test_a_flipped_bit_in_the_weights_is_refused_by_the_checksum(folder):
+    """torch.load does not verify the zip's CRC-32: without the checksum this loaded silently."""
+    payload = _checkpoint().to_dict()
+    key = next(k for k, t in payload["state_dict"].items() if t.is_floating_point() and t.numel() > 1)
+    flipped = payload["state_dict"][key].clone()
+    flipped.view(-1).view(torch.int32)[0] ^= 1 << 3
+    payload["state_dict"] = {**payload["state_dict"], key: flipped}
+    path = folder / "flipped.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="do not match the checksum") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    del payload["weights_sha256"]  # a file from before checksums loads as it always did
+    torch.save(payload, path)
+    assert torch.equal(load_checkpoint(path).state_dict[key], flipped)
