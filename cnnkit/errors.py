@@ -9,7 +9,7 @@ Exit codes (also listed in the README):
 3     data problem (missing folder, no images, class mismatch, bad names JSON)
 4     checkpoint problem (not a checkpoint, corrupt, unsafe, newer format)
 5     pretrained weights unavailable (offline and not cached, bad weights file)
-6     output problem (would overwrite without --force, unwritable directory)
+6     output problem (would overwrite without --force, unwritable directory, disk full)
 7     some inputs could not be scored (the others were)
 8     a worker process died (killed, out of memory, crashed); what was written is kept
 130   interrupted (Ctrl-C)
