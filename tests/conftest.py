@@ -23,6 +23,7 @@ from helpers import (
     INITIAL_SEED,
     NAMES,
     TrainedRun,
+    cli_subprocess_env,
     interrupt_training_call,
     make_flat_folder,
     make_split_folder,
@@ -173,13 +174,5 @@ def empty_torch_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def cli_env(tmp_path) -> dict[str, str]:
-    """Environment for ``python -m cnnkit`` subprocesses: empty torch home, no debug tracebacks."""
-    env = {k: v for k, v in os.environ.items() if k != "CNNKIT_DEBUG"}
-    env["TORCH_HOME"] = str(tmp_path / "torch-home")
-    env["PYTHONUNBUFFERED"] = "1"
-    # The subprocess runs the same cnnkit as the tests, wherever they run from.
-    import cnnkit
-
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cnnkit.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
+    """Environment for ``python -m cnnkit`` subprocesses (see helpers.cli_subprocess_env)."""
+    return cli_subprocess_env(tmp_path / "torch-home")

@@ -195,3 +195,16 @@ def as_ordinary_user(probe: list[str]) -> list[str]:
     if subprocess.run([*prefix, *probe], capture_output=True).returncode == 0:
         pytest.skip("running as root, and dropping root's file-access capabilities is not allowed here")
     return prefix
+
+
+def cli_subprocess_env(torch_home: os.PathLike | str) -> dict[str, str]:
+    """Environment for ``python -m cnnkit`` subprocesses: an empty torch home, no debug
+    tracebacks, and the same cnnkit as the tests, wherever they run from."""
+    import cnnkit
+
+    env = {k: v for k, v in os.environ.items() if k != "CNNKIT_DEBUG"}
+    env["TORCH_HOME"] = str(torch_home)
+    env["PYTHONUNBUFFERED"] = "1"
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cnnkit.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env

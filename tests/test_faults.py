@@ -46,7 +46,14 @@ from cnnkit.config import PredictConfig
 from cnnkit.errors import OutputError, WorkerError
 from cnnkit.predict import predict_to_output
 
-from helpers import TINY_TRAIN_ARGS, as_ordinary_user, assert_one_line_error, read_metrics, strip_timing
+from helpers import (
+    TINY_TRAIN_ARGS,
+    as_ordinary_user,
+    assert_one_line_error,
+    cli_subprocess_env,
+    read_metrics,
+    strip_timing,
+)
 
 EPOCHS = 3
 SEED = 5
@@ -124,14 +131,7 @@ main(args, prog_name="cnnkit")
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     """As conftest's cli_env, for module-scoped runs."""
-    import cnnkit
-
-    env = {k: v for k, v in os.environ.items() if k != "CNNKIT_DEBUG"}
-    env["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
-    env["PYTHONUNBUFFERED"] = "1"
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cnnkit.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
+    return cli_subprocess_env(tmp_path_factory.mktemp("torch-home"))
 
 
 @pytest.fixture(scope="module")
