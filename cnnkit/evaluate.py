@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
 
@@ -364,16 +364,20 @@ def write_report(result: EvaluationResult, folder: str, names: dict[str, str]) -
         written.append(os.path.join(folder, name))
         return written[-1]
 
+    def text_file(name: str) -> IO[str]:
+        # surrogateescape: a file or folder name that is not UTF-8 is written as its own bytes,
+        # as predict does
+        return open(path(name), "w", newline="", encoding="utf-8", errors="surrogateescape")
+
     try:
-        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, as predict does
-        with open(path("report.json"), "w", encoding="utf-8", errors="surrogateescape") as handle:
+        with text_file("report.json") as handle:
             json.dump(report, handle, indent=2, ensure_ascii=False)
-        with open(path("confusion_matrix.csv"), "w", newline="", encoding="utf-8") as handle:
+        with text_file("confusion_matrix.csv") as handle:
             writer = csv.writer(handle)
             writer.writerow(["true \\ predicted", *classes])
             for label, row in zip(classes, report["confusion_matrix"]):
                 writer.writerow([label, *row])
-        with open(path("predictions.csv"), "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        with text_file("predictions.csv") as handle:
             writer = csv.DictWriter(handle, ["path", "true", "predicted", "confidence", "correct"])
             writer.writeheader()
             writer.writerows(result.predictions)
