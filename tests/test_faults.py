@@ -2,7 +2,8 @@
 
 Every fault hits a real ``python -m cnnkit`` process:
 
-- SIGKILL before the first epoch finished, at a seeded-random time, while ``last.pt`` is being
+- SIGKILL before the first epoch finished, at a seeded-random time (in the default test no later
+  than the end of the first epoch), while ``last.pt`` is being
   written (polled: the moment its temporary file appears, with nothing patched), half-way through
   a checkpoint write (a wrapper script stalls ``torch.save`` after writing half the bytes) and
   while a finished run completes ``best.pt`` (a wrapper stalls the drift statistics);
@@ -249,6 +250,11 @@ def temporaries(save_dir: Path) -> list[str]:
         return []
 
 
+def read_metrics_if_any(save_dir: Path) -> list[dict]:
+    path = save_dir / "metrics.jsonl"
+    return read_metrics(path) if path.exists() else []
+
+
 def digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
@@ -299,6 +305,17 @@ def _past(deadline: float) -> bool:
     return time.monotonic() >= deadline
 
 
+def _past_or_first_epoch_done(deadline: float, metrics: Path) -> bool:
+    """The deadline has passed, or the first epoch has written its metrics row (its checkpoints
+    come next): a kill then leaves at least two epochs for the plan's later steps to hit."""
+    if time.monotonic() >= deadline:
+        return True
+    try:
+        return b"\n" in metrics.read_bytes()
+    except FileNotFoundError:
+        return False
+
+
 def _writing_last(save_dir: Path, stale: set[str]) -> bool:
     """A new last.pt temporary exists (a killed run's stale one may linger until the new run starts)."""
     return any(name.startswith(".last.pt.") and name not in stale for name in temporaries(save_dir))
@@ -318,10 +335,17 @@ def kill_resume_chain(image_folder, save_dir, env, wrapper, tmp_path, reference,
             condition = (save_dir / "metrics.jsonl").exists
         elif kind == "random":
             condition = functools.partial(_past, time.monotonic() + value)
+        elif kind == "random-in-first-epoch":
+            assert epoch_before is None and not read_metrics_if_any(save_dir), "the run must start from scratch"
+            condition = functools.partial(_past_or_first_epoch_done, time.monotonic() + value, save_dir / "metrics.jsonl")
         elif kind == "writing-last":  # nothing patched: poll for last.pt's temporary
             condition = functools.partial(_writing_last, save_dir, set(temporaries(save_dir)))
         elif kind == "stalled-write":
-            command = wrapped(wrapper, "stall-save", value, marker, *args)
+            # A run from last.pt's epoch e writes at least EPOCHS - e + 1 more checkpoints (last.pt
+            # each epoch, then best.pt's drift statistics): an earlier kill that landed late still
+            # leaves the value-th write to hit.
+            writes_left = EPOCHS - (epoch_before or 0) + 1
+            command = wrapped(wrapper, "stall-save", min(value, writes_left), marker, *args)
             condition = marker.exists
         elif kind == "finishing":
             command = wrapped(wrapper, "stall-finish", 0, marker, *args)
@@ -362,12 +386,14 @@ def test_kill_9_at_random_points_and_mid_write_then_resume_equals_the_uninterrup
     image_folder, env, wrapper, tmp_path, reference
 ):
     rng = random.Random(SEED)
-    # Start-up (importing torch) is most of a tiny run: a random time late in it lands in training.
-    # The third checkpoint write is in the second epoch (the first wrote best.pt and last.pt), or
-    # after a resume, later still: a kill there leaves a last.pt of a finished epoch to resume.
+    # Start-up (importing torch) is most of a tiny run: a random time late in it lands in training,
+    # but on a fast machine it could land past the last epoch and leave the later steps nothing to
+    # hit, so that kill comes no later than the end of the first epoch. Then last.pt holds at most
+    # epoch 1, and the third checkpoint write is in epoch 2 or later (epoch 2's last.pt, epoch 3's
+    # last.pt and the finished run's best.pt are three): a kill there leaves a last.pt to resume.
     plan = [
         ("before-first-epoch", None),
-        ("random", rng.uniform(0.55, 0.85) * reference.seconds),
+        ("random-in-first-epoch", rng.uniform(0.55, 0.85) * reference.seconds),
         ("writing-last", None),
         ("stalled-write", 3),
         ("finishing", None),
