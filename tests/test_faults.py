@@ -3,10 +3,10 @@
 Every fault hits a real ``python -m cnnkit`` process:
 
 - SIGKILL before the first epoch finished, at a seeded-random time (in the default test no later
-  than the end of the first epoch), while ``last.pt`` is being
-  written (polled: the moment its temporary file appears, with nothing patched), half-way through
-  a checkpoint write (a wrapper script stalls ``torch.save`` after writing half the bytes) and
-  while a finished run completes ``best.pt`` (a wrapper stalls the drift statistics);
+  than the end of the first epoch), while ``last.pt`` is being written (polled: the moment its
+  temporary file appears, with nothing patched), half-way through a checkpoint write (a wrapper
+  script stalls ``torch.save`` after writing half the bytes) and while a finished run completes
+  ``best.pt`` (a wrapper stalls the drift statistics);
 - a full disk: ``RLIMIT_FSIZE`` with SIGXFSZ ignored, so the kernel refuses writes past the size
   with EFBIG as a full disk refuses them with ENOSPC (checkpoints, metrics.jsonl, predict's
   --output), and ENOSPC from a patched output file in-process;
