@@ -396,9 +396,9 @@ def test_kill_9_at_random_points_and_mid_write_then_resume_equals_the_uninterrup
     # Start-up (importing torch) is most of a tiny run: a random time late in it lands in training,
     # but a run faster than the reference (which pays the cold imports) could reach its last epoch
     # first and leave the later steps nothing to hit, so that kill comes no later than the end of
-    # the first epoch. Then last.pt holds at most
-    # epoch 1, and the third checkpoint write is in epoch 2 or later (epoch 2's last.pt, epoch 3's
-    # last.pt and the finished run's best.pt are three): a kill there leaves a last.pt to resume.
+    # the first epoch. Then last.pt holds at most epoch 1, and the third checkpoint write is in
+    # epoch 2 or later (epoch 2's last.pt, epoch 3's last.pt and the finished run's best.pt are
+    # three): a kill there leaves a last.pt to resume.
     plan = [
         ("before-first-epoch", None),
         ("random-in-first-epoch", rng.uniform(0.55, 0.85) * reference.seconds),
