@@ -88,6 +88,11 @@ class HttpError(Exception):
         self.extra = extra
 
 
+def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
+    """Every error's JSON body, whether the app or the gunicorn worker answers."""
+    return {"error": message, "status": status, **extra}
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -680,7 +685,7 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
 
     def error_response(status: int, message: str, **extra: Any) -> Response:
         g.error = message
-        response = jsonify({"error": message, "status": status, **extra})
+        response = jsonify(error_body(status, message, **extra))
         response.status_code = status
         return response
 
@@ -866,7 +871,7 @@ def _bounded_worker_class() -> type:
     defer = getattr(gthread, "_DEFER", None)
 
     def write_json_error(sock: Any, status: int, reason: str, message: str, model: str | None) -> None:
-        body = json.dumps({"error": message, "status": status}).encode()
+        body = json.dumps(error_body(status, message)).encode()
         head = [f"HTTP/1.1 {status} {reason}", "Connection: close", "Content-Type: application/json",
                 f"Content-Length: {len(body)}"]
         if model:
@@ -962,7 +967,6 @@ def gunicorn_options(cfg: ServeConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bind": [f"{host}:{cfg.port}"],
         "workers": worker_count(cfg),
-        "worker_class": "gthread",
         "threads": cfg.threads,
         # A worker whose main loop is silent this long is restarted; requests time out before.
         "timeout": int(max(30, 2 * cfg.timeout)),
@@ -1026,8 +1030,6 @@ def serve(cfg: ServeConfig) -> None:
 
             settings = {k: v for k, v in vars(gunicorn_conf).items() if not k.startswith("_")}
             for key, value in {**settings, **gunicorn_options(cfg)}.items():
-                if key == "worker_class" and value == "gthread":
-                    value = _bounded_worker_class()  # gthread, with a read deadline and JSON errors
                 if key in self.cfg.settings:  # as gunicorn's -c: names that are not settings are skipped
                     self.cfg.set(key, value)
 

@@ -118,8 +118,6 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large: {exc}") from None
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise _open_error(exc) from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image file (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -25,6 +25,7 @@ pytest.importorskip("flask")
 pytest.importorskip("gunicorn")
 pytest.importorskip("prometheus_client")
 
+from cnnkit import gunicorn_conf  # noqa: E402
 from cnnkit.config import ServeConfig  # noqa: E402
 from cnnkit.errors import ConfigError  # noqa: E402
 from cnnkit.serve import HttpError, MicroBatcher, gunicorn_options, torch_threads, worker_count  # noqa: E402
@@ -482,7 +483,9 @@ def test_gunicorn_options_follow_the_config():
     cfg = ServeConfig("m.pt", host="0.0.0.0", port=9000, workers=3, threads=5, timeout=40)
     options = gunicorn_options(cfg)
     assert options["bind"] == ["0.0.0.0:9000"]
-    assert (options["workers"], options["threads"], options["worker_class"]) == (3, 5, "gthread")
+    assert (options["workers"], options["threads"]) == (3, 5)
+    # the worker class comes from gunicorn_conf, as for `gunicorn -c python:cnnkit.gunicorn_conf`
+    assert {**vars(gunicorn_conf), **options}["worker_class"] == "cnnkit.serve.BoundedThreadWorker"
     assert options["preload_app"] is False  # the model loads after the fork
     assert options["timeout"] >= 40
     assert gunicorn_options(ServeConfig("m.pt", host="::1"))["bind"] == ["[::1]:8000"]
