@@ -110,10 +110,15 @@ def read_metrics(path: os.PathLike | str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def cnnkit_command(*args: Any) -> list[Any]:
+    """The command line ``python -m cnnkit ARGS`` (bytes stay bytes, anything else a str)."""
+    return [sys.executable, "-m", "cnnkit", *(a if isinstance(a, bytes) else str(a) for a in args)]
+
+
 def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None, timeout: float = 300):
     """Run ``python -m cnnkit ARGS`` as a user would; returns the CompletedProcess."""
     return subprocess.run(
-        [sys.executable, "-m", "cnnkit", *args],
+        cnnkit_command(*args),
         input=stdin,
         capture_output=True,
         text=True,
@@ -208,3 +213,20 @@ def cli_subprocess_env(torch_home: os.PathLike | str) -> dict[str, str]:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(cnnkit.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     return env
+
+
+class MaliciousPickle:
+    """Unpickled, it creates ``marker``: by ``os.system``, ``open``, ``eval`` or ``subprocess.Popen``
+    (``how``). A safe loader refuses it and the marker never appears."""
+
+    def __init__(self, marker: Path, how: str):
+        self.marker, self.how = marker, how
+
+    def __reduce__(self):
+        if self.how == "system":
+            return (os.system, (f"touch '{self.marker}'",))
+        if self.how == "open":
+            return (open, (str(self.marker), "w"))
+        if self.how == "eval":
+            return (eval, (f"open({str(self.marker)!r}, 'w')",))
+        return (subprocess.Popen, (["touch", str(self.marker)],))

@@ -11,11 +11,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from deploy_helpers import Response, free_port, http, metric_values
+from helpers import cli_subprocess_env, cnnkit_command
 
 
 class Server:
@@ -36,6 +38,8 @@ class Server:
 
     def worker_pids(self) -> set[int]:
         """The gunicorn master's child processes (from /proc: Linux)."""
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("needs /proc")
         children = set()
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -65,6 +69,10 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.05)
+
+    def server_errors(self) -> list[dict]:
+        """The request log's 5xx lines, but /ready's 503 while the workers warm up."""
+        return [r for r in self.records() if r["status"] >= 500 and r["path"] != "/ready"]
 
     def records(self) -> list[dict]:
         """The server's JSON request log lines."""
@@ -96,11 +104,11 @@ def start_server(checkpoint: Path, log: Path, *options: str, workers: int = 2, t
                  wait: bool = True, env_extra: dict[str, str] | None = None) -> Server:
     """``cnnkit serve checkpoint --workers N --timeout T *options`` on a free port, ready to serve."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("CNNKIT_DEBUG", "PROMETHEUS_MULTIPROC_DIR")}
-    env["PYTHONUNBUFFERED"] = "1"
+    env = cli_subprocess_env(log.parent / "torch-home")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # cnnkit serve makes its own
     env.update(env_extra or {})
-    args = [sys.executable, "-m", "cnnkit", "serve", str(checkpoint), "--port", str(port), "--device", "cpu",
-            "--workers", str(workers), "--timeout", str(timeout), *options]
+    args = cnnkit_command("serve", checkpoint, "--port", port, "--device", "cpu", "--workers", workers,
+                          "--timeout", timeout, *options)
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(process, port, log, checkpoint, workers)
@@ -153,6 +161,15 @@ def send_raw(server: Server, data: bytes, timeout: float = 30) -> RawAnswer:
 def request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def predict_head(content_type: str, path: str = "/predict", **headers: str) -> bytes:
+    return request_head("POST", path, {"Content-Type": content_type, **headers})
+
+
+def assert_json_error(answer: RawAnswer, status: int) -> None:
+    assert answer.status == status, answer
+    assert answer.is_json_error(), answer
 
 
 def chunked(body: bytes, size: int = 8192) -> bytes:

@@ -17,7 +17,7 @@ from cnnkit.config import PreprocessConfig
 from cnnkit.errors import CheckpointError, OutputError
 from cnnkit.models import build_model
 
-from helpers import CLASSES, NAMES
+from helpers import CLASSES, NAMES, MaliciousPickle
 
 
 @pytest.fixture(scope="module")
@@ -174,23 +174,18 @@ def test_atomic_save_into_a_missing_folder_is_an_output_error(tmp_path):
 # --- refusing what is not a safe, readable cnnkit checkpoint --------------------------------
 
 
-def _evil_payload(kind: str, marker):
-    class OpenFile:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    class Shell:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    return OpenFile() if kind == "open" else Shell()
-
-
-@pytest.mark.parametrize("kind", ["open", "system"])
-def test_malicious_pickle_is_refused_without_running_it(small, tmp_path, kind):
+@pytest.mark.parametrize("where", ["top-level", "in-summary", "in-state-dict"])
+@pytest.mark.parametrize("how", ["system", "open", "eval", "popen"])
+def test_malicious_pickle_is_refused_without_running_it(small, tmp_path, how, where):
     marker = tmp_path / "pwned"
+    evil = MaliciousPickle(marker, how)
     payload = small[0].to_dict()
-    payload["summary"] = {"note": _evil_payload(kind, marker)}
+    if where == "top-level":
+        payload["extra"] = evil
+    elif where == "in-summary":
+        payload["summary"] = {"note": [1, {"deep": evil}]}
+    else:
+        payload["state_dict"] = {**payload["state_dict"], next(iter(payload["state_dict"])): evil}
     path = tmp_path / "evil.pt"
     torch.save(payload, path)
     assert not marker.exists()
@@ -233,13 +228,14 @@ def test_truncated_checkpoint_is_reported_as_truncated_or_corrupt(saved, tmp_pat
     assert "truncated or corrupt" in _assert_one_line(info)
 
 
-def test_newer_format_version_asks_for_an_upgrade(small, tmp_path):
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 99])
+def test_newer_format_version_asks_for_an_upgrade(small, tmp_path, version):
     path = tmp_path / "future.pt"
-    torch.save({**small[0].to_dict(), "format_version": FORMAT_VERSION + 1}, path)
+    torch.save({**small[0].to_dict(), "format_version": version}, path)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     message = _assert_one_line(info)
-    assert f"format version {FORMAT_VERSION + 1}" in message and "upgrade cnnkit" in message
+    assert f"format version {version}," in message and "upgrade cnnkit" in message
 
 
 def test_checkpoint_missing_required_fields_is_incomplete(small, tmp_path):

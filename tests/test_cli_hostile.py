@@ -14,8 +14,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -27,7 +27,8 @@ from helpers import (
     TINY_TRAIN_ARGS,
     as_ordinary_user,
     assert_one_line_error,
-    write_class_images,
+    cnnkit_command,
+    make_flat_folder,
     write_corrupt_files,
 )
 
@@ -35,9 +36,11 @@ POSIX = pytest.mark.skipif(not hasattr(os, "mkfifo") or sys.platform == "win32",
 TIMEOUT = 180  # a hang is a failure, not a stuck suite
 
 
-def run_bytes(args: list, env: dict[str, str], stdin: bytes | None = None, timeout: float = TIMEOUT):
-    """``python -m cnnkit ARGS`` with raw bytes in and out (paths need not be UTF-8)."""
-    return subprocess.run([sys.executable, "-m", "cnnkit", *map(os.fsencode, args)], input=stdin,
+def run_bytes(args: list, env: dict[str, str], stdin: bytes | None = None, timeout: float = TIMEOUT,
+              prefix: Sequence[str] = ()):
+    """``python -m cnnkit ARGS`` (after ``prefix``, a launcher) with raw bytes in and out (paths
+    need not be UTF-8)."""
+    return subprocess.run([*prefix, *cnnkit_command(*map(os.fsencode, args))], input=stdin,
                           capture_output=True, env=env, timeout=timeout)
 
 
@@ -165,10 +168,8 @@ def test_predict_unreadable_file_gets_an_error_row(checkpoint, tmp_path, cli_env
     locked.write_bytes(image_bytes(2))
     locked.chmod(0)
     try:
-        prefix = as_ordinary_user(["cat", str(locked)])
-        command = [*prefix, sys.executable, "-m", "cnnkit", "predict", str(folder), "-c", str(checkpoint),
-                   "--format", "jsonl", "--device", "cpu"]
-        result = subprocess.run(command, capture_output=True, env=cli_env, timeout=TIMEOUT)
+        result = run_bytes(["predict", folder, "-c", checkpoint, "--format", "jsonl", "--device", "cpu"], cli_env,
+                           prefix=as_ordinary_user(["cat", str(locked)]))
     finally:
         locked.chmod(0o644)
     assert result.returncode == 7, text(result.stderr)
@@ -183,10 +184,8 @@ def test_predict_unreadable_file_gets_an_error_row(checkpoint, tmp_path, cli_env
 
 @POSIX
 def test_train_on_a_folder_with_symlink_loops_trains(tmp_path, cli_env):
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
+    data = make_flat_folder(tmp_path / "data", per_class=4, seed=0)
     for colour in CLASSES:
-        write_class_images(data / colour, colour, 4, rng)
         os.symlink("..", data / colour / "back")  # a loop back to DATA_DIR: not followed
     os.symlink("self", data / "self")  # a self-loop beside the class folders
     os.symlink(".", data / "green" / "here")
@@ -235,11 +234,7 @@ NAMES_FILES = {
 
 @pytest.fixture(scope="module")
 def names_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("names-data")
-    rng = np.random.default_rng(0)
-    for colour in CLASSES:
-        write_class_images(root / colour, colour, 3, rng)
-    return root
+    return make_flat_folder(tmp_path_factory.mktemp("names-data"), per_class=3, seed=0)
 
 
 @pytest.mark.parametrize("command", ["train", "predict"])

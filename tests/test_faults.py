@@ -52,8 +52,10 @@ from helpers import (
     as_ordinary_user,
     assert_one_line_error,
     cli_subprocess_env,
+    cnnkit_command,
     read_metrics,
     strip_timing,
+    tiny_train_config,
 )
 
 EPOCHS = 3
@@ -180,10 +182,6 @@ def run_until(
     return Outcome(proc.returncode == -signal.SIGKILL, proc.returncode, stderr, time.monotonic() - start)
 
 
-def cnnkit(*args: Any) -> list[str]:
-    return [sys.executable, "-m", "cnnkit", *map(str, args)]
-
-
 def wrapped(wrapper: Path, fault: str, arg: Any, marker: Path, *args: Any) -> list[str]:
     return [sys.executable, str(wrapper), fault, str(arg), str(marker), *map(str, args)]
 
@@ -202,10 +200,10 @@ def train_args(data: Path, save_dir: Path, *more: Any) -> list[Any]:
     return ["train", data, *TINY_TRAIN_ARGS, "--epochs", EPOCHS, "--seed", SEED, "--save-dir", save_dir, *more]
 
 
-def resume_args(data: Path, save_dir: Path) -> list[Any]:
+def resume_args(data: Path, save_dir: Path, workers: int = 0) -> list[Any]:
     """What a user types to continue: the data, last.pt and run options (the recipe is last.pt's)."""
     return ["train", data, "--resume", save_dir / "last.pt", "--save-dir", save_dir,
-            "--workers", "0", "--device", "cpu", "--no-progress"]
+            "--workers", workers, "--device", "cpu", "--no-progress"]
 
 
 # --- what is on disk ------------------------------------------------------------------------
@@ -280,7 +278,7 @@ class Reference:
 def reference(image_folder, env, tmp_path_factory) -> Reference:
     """The uninterrupted run every faulted run must end up equal to."""
     save_dir = tmp_path_factory.mktemp("reference") / "run"
-    done = run_until(cnnkit(*train_args(image_folder, save_dir)), env, save_dir.parent / "stderr.log")
+    done = run_until(cnnkit_command(*train_args(image_folder, save_dir)), env, save_dir.parent / "stderr.log")
     assert done.returncode == 0, done.stderr
     return Reference(save_dir, done.seconds, snapshot(save_dir))
 
@@ -290,7 +288,7 @@ def continue_run(image_folder: Path, save_dir: Path, env: dict[str, str], log: P
     after checking that --resume says one is needed."""
     if (save_dir / "last.pt").exists():
         return resume_args(image_folder, save_dir)
-    refused = run_until(cnnkit(*resume_args(image_folder, save_dir)), env, log)
+    refused = run_until(cnnkit_command(*resume_args(image_folder, save_dir)), env, log)
     assert refused.returncode == 4, refused.stderr
     if save_dir.exists():  # the run had started: the error says to start it again
         assert_one_line_error(refused.stderr, "checkpoint not found", "start it again", "--force")
@@ -331,14 +329,15 @@ def kill_resume_chain(image_folder, save_dir, env, wrapper, tmp_path, reference,
         log, marker = tmp_path / f"{step}-{kind}.log", tmp_path / f"{step}.marker"
         before = {name: digest(save_dir / name) for name in ("best.pt", "last.pt")}
         epoch_before = check_checkpoints_load(save_dir) if save_dir.exists() else None
-        command = cnnkit(*args)
+        command = cnnkit_command(*args)
         if kind == "before-first-epoch":  # the run has started (metrics.jsonl is written first)
             condition = (save_dir / "metrics.jsonl").exists
         elif kind == "random":
             condition = functools.partial(_past, time.monotonic() + value)
         elif kind == "random-in-first-epoch":
             assert epoch_before is None and not read_metrics_if_any(save_dir), "the run must start from scratch"
-            condition = functools.partial(_past_or_first_epoch_done, time.monotonic() + value, save_dir / "metrics.jsonl")
+            condition = functools.partial(_past_or_first_epoch_done, time.monotonic() + value,
+                                          save_dir / "metrics.jsonl")
         elif kind == "writing-last":  # nothing patched: poll for last.pt's temporary
             condition = functools.partial(_writing_last, save_dir, set(temporaries(save_dir)))
         elif kind == "stalled-write":
@@ -382,7 +381,7 @@ def kill_resume_chain(image_folder, save_dir, env, wrapper, tmp_path, reference,
             break
         args = continue_run(image_folder, save_dir, env, tmp_path / f"{step}-refused.log")
     else:
-        done = run_until(cnnkit(*args), env, tmp_path / "final.log")
+        done = run_until(cnnkit_command(*args), env, tmp_path / "final.log")
         assert done.returncode == 0, done.stderr
     same(snapshot(save_dir), reference.snapshot, "run")
     assert temporaries(save_dir) == [], "a killed write's temporary was left behind"
@@ -436,7 +435,7 @@ def test_many_random_kills_then_resume_equals_the_uninterrupted_run(
 def after_epoch_one(image_folder, env, tmp_path_factory) -> Path:
     """A run killed just after it saved last.pt for the first time. Read-only: copy it."""
     save_dir = tmp_path_factory.mktemp("after-epoch-one") / "run"
-    killed = run_until(cnnkit(*train_args(image_folder, save_dir)), env, save_dir.parent / "stderr.log",
+    killed = run_until(cnnkit_command(*train_args(image_folder, save_dir)), env, save_dir.parent / "stderr.log",
                        lambda: (save_dir / "last.pt").exists())
     assert killed.killed, killed.stderr
     assert check_checkpoints_load(save_dir) < EPOCHS
@@ -455,14 +454,14 @@ def test_disk_full_in_training_keeps_the_checkpoints_and_the_run_resumes(
     else:  # the resumed run rewrites metrics.jsonl (its rows up to last.pt); the next row does not fit
         kept = [row for row in read_metrics(save_dir / "metrics.jsonl") if row["epoch"] <= epoch]
         limit, fragment = sum(len(json.dumps(row)) + 1 for row in kept) + 40, "metrics.jsonl"
-    failed = run_until(limit_file_size(limit, cnnkit(*resume_args(image_folder, save_dir))), env,
+    failed = run_until(limit_file_size(limit, cnnkit_command(*resume_args(image_folder, save_dir))), env,
                        tmp_path / "full.log")
     assert failed.returncode == 6, failed.stderr
     assert_one_line_error(failed.stderr, "cannot write", fragment, os.strerror(errno.EFBIG))
     assert {name: digest(save_dir / name) for name in before} == before  # intact, not half-replaced
     assert check_checkpoints_load(save_dir) == epoch
     assert temporaries(save_dir) == []
-    done = run_until(cnnkit(*resume_args(image_folder, save_dir)), env, tmp_path / "resumed.log")
+    done = run_until(cnnkit_command(*resume_args(image_folder, save_dir)), env, tmp_path / "resumed.log")
     assert done.returncode == 0, done.stderr
     same(snapshot(save_dir), reference.snapshot, "run")
 
@@ -470,7 +469,7 @@ def test_disk_full_in_training_keeps_the_checkpoints_and_the_run_resumes(
 def test_save_dir_that_cannot_be_created_is_refused_before_training(image_folder, env, tmp_path):
     (tmp_path / "afile").write_text("a regular file\n")
     save_dir = tmp_path / "afile" / "run"
-    failed = run_until(cnnkit(*train_args(image_folder, save_dir)), env, tmp_path / "stderr.log")
+    failed = run_until(cnnkit_command(*train_args(image_folder, save_dir)), env, tmp_path / "stderr.log")
     assert failed.returncode == 6
     assert_one_line_error(failed.stderr, "cannot create --save-dir", str(save_dir))
     assert "epoch 1" not in failed.stderr and "training resnet18" not in failed.stderr
@@ -482,7 +481,7 @@ def test_read_only_save_dir_is_refused_before_training(image_folder, env, tmp_pa
     save_dir.chmod(0o555)
     try:
         prefix = as_ordinary_user(["touch", str(save_dir / "probe")])
-        failed = run_until(prefix + cnnkit(*train_args(image_folder, save_dir)), env, tmp_path / "stderr.log")
+        failed = run_until(prefix + cnnkit_command(*train_args(image_folder, save_dir)), env, tmp_path / "stderr.log")
     finally:
         save_dir.chmod(0o755)
     assert failed.returncode == 6, failed.stderr
@@ -494,7 +493,7 @@ def test_read_only_save_dir_is_refused_before_training(image_folder, env, tmp_pa
 def full_predictions(image_folder, reference, env, tmp_path_factory) -> bytes:
     """predict --output of every image of the data set, uninterrupted (CSV)."""
     out = tmp_path_factory.mktemp("predictions") / "full.csv"
-    done = run_until(cnnkit("predict", image_folder, "-c", reference.save_dir / "best.pt", "-o", out, *SCORING),
+    done = run_until(cnnkit_command("predict", image_folder, "-c", reference.save_dir / "best.pt", "-o", out, *SCORING),
                      env, out.with_suffix(".log"))
     assert done.returncode == 0, done.stderr
     return out.read_bytes()
@@ -506,7 +505,7 @@ def test_disk_full_in_predict_output_keeps_the_rows_and_resume_completes(
     out = tmp_path / "scores.csv"
     # --workers 0: the file-size limit would also stop DataLoader workers from sharing their batches
     # (torch then loses the batch and waits forever: a limit artefact; a full disk does not do that)
-    command = cnnkit("predict", image_folder, "-c", reference.save_dir / "best.pt", "-o", out, *SCORING,
+    command = cnnkit_command("predict", image_folder, "-c", reference.save_dir / "best.pt", "-o", out, *SCORING,
                      "--workers", "0")
     limit = len(full_predictions) // 2
     failed = run_until(limit_file_size(limit, command), env, tmp_path / "full.log")
@@ -594,7 +593,7 @@ def test_killed_decoding_worker_in_predict_is_reported_and_resume_completes(
     written = out.read_bytes()
     assert full_predictions.startswith(written) and written.endswith(b"\n")  # whole rows, in order
     assert str(_victim(image_folder)).encode() not in written
-    done = run_until(cnnkit(*args, "--resume"), env, tmp_path / "resumed.log")
+    done = run_until(cnnkit_command(*args, "--resume"), env, tmp_path / "resumed.log")
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == full_predictions  # the victim and the rest are scored, once each
 
@@ -615,8 +614,7 @@ def test_decoding_worker_exiting_in_predict_to_stdout_is_one_error_line(
 def test_killed_worker_in_training_is_reported_and_the_run_resumes(image_folder, env, wrapper, tmp_path):
     save_dir = tmp_path / "run"
     victim = sorted((image_folder / "train" / "red").iterdir())[0]
-    args = ["train", image_folder, *TINY_TRAIN_ARGS, "--epochs", "2", "--save-dir", save_dir]
-    args[args.index("--workers") + 1] = "1"
+    args = ["train", image_folder, *TINY_TRAIN_ARGS, "--workers", "1", "--epochs", "2", "--save-dir", save_dir]
     marker = tmp_path / "died"
     # armed once last.pt exists: the worker dies in epoch 2
     failed = run_until(wrapped(wrapper, "worker-kill", f"{victim}|{save_dir / 'last.pt'}", marker, *args), env,
@@ -625,8 +623,7 @@ def test_killed_worker_in_training_is_reported_and_the_run_resumes(image_folder,
     assert failed.returncode == WorkerError.exit_code, failed.stderr
     assert_one_line_error(failed.stderr, "worker process", "killed by signal", f"--resume {save_dir / 'last.pt'}")
     assert check_checkpoints_load(save_dir) == 1
-    done = run_until(cnnkit("train", image_folder, "--resume", save_dir / "last.pt", "--save-dir", save_dir,
-                            "--workers", "1", "--device", "cpu", "--no-progress"), env, tmp_path / "resumed.log")
+    done = run_until(cnnkit_command(*resume_args(image_folder, save_dir, workers=1)), env, tmp_path / "resumed.log")
     assert done.returncode == 0, done.stderr
     assert [row["epoch"] for row in read_metrics(save_dir / "metrics.jsonl")] == [1, 2]
     assert check_checkpoints_load(save_dir) == 2
@@ -676,7 +673,6 @@ def test_worker_death_reads_torchs_messages_and_nothing_else():
 
 def test_disk_full_while_drawing_curves_is_an_output_error_after_the_checkpoints(image_folder, tmp_path, monkeypatch):
     """curves.png is written after the epoch's checkpoints; a full disk there was an internal error."""
-    from helpers import tiny_train_config
     from matplotlib.figure import Figure
 
     from cnnkit.engine import train

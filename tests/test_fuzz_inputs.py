@@ -67,10 +67,8 @@ def check_decodes_or_refuses(path: str | os.PathLike, max_pixels: int | None = N
 
 
 @pytest.fixture(scope="module")
-def scratch():
-    folder = tempfile.mkdtemp(prefix="cnnkit-fuzz-")
-    yield Path(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
 
 
 # --- the seeds themselves ------------------------------------------------------------------------

@@ -30,11 +30,13 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from deploy_helpers import http, image_bytes, make_checkpoint, multipart  # noqa: E402
+from fuzz_helpers import fuzz_budget  # noqa: E402
 from http_server import (  # noqa: E402
+    assert_json_error,
     chunked,
     connect,
+    predict_head,
     read_answer,
-    request_head,
     send_raw,
     start_server,
 )
@@ -134,34 +136,30 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _mp(files, fields=None):
-    return multipart(files, fields)
-
-
 GOOD = [
     ("GET", "/health", None, None),
     ("GET", "/ready", None, None),
     ("GET", "/metadata", None, None),
     ("GET", "/metrics", None, None),
     ("GET", "/openapi.json", None, None),
-    ("POST", "/predict?top_k=2", *_mp([("image", "a.png", image_bytes(1))])),
-    ("POST", "/predict", *_mp([("image", f"{i}.png", image_bytes(i)) for i in range(3)], {"top_k": "3"})),
+    ("POST", "/predict?top_k=2", *multipart([("image", "a.png", image_bytes(1))])),
+    ("POST", "/predict", *multipart([("image", f"{i}.png", image_bytes(i)) for i in range(3)], {"top_k": "3"})),
     ("POST", "/predict", json.dumps({"image": _b64(image_bytes(4)), "top_k": 2}).encode(), "application/json"),
     ("POST", "/predict?top_k=9", json.dumps({"images": [_b64(image_bytes(5)), _b64(image_bytes(6))]}).encode(),
      "application/json"),
 ]
 
 BAD = [  # (request, expected status)
-    (("POST", "/predict", *_mp([("image", "x.txt", b"no picture")])), 422),
-    (("POST", "/predict", *_mp([("image", "big.png", image_bytes(size=(200, 200)))])), 422),
-    (("POST", "/predict", *_mp([("image", "e.png", b"")])), 400),
-    (("POST", "/predict", *_mp([("photo", "a.png", image_bytes())])), 400),
-    (("POST", "/predict", *_mp([("image", f"{i}.png", image_bytes(i)) for i in range(MAX_IMAGES + 1)])), 413),
+    (("POST", "/predict", *multipart([("image", "x.txt", b"no picture")])), 422),
+    (("POST", "/predict", *multipart([("image", "big.png", image_bytes(size=(200, 200)))])), 422),
+    (("POST", "/predict", *multipart([("image", "e.png", b"")])), 400),
+    (("POST", "/predict", *multipart([("photo", "a.png", image_bytes())])), 400),
+    (("POST", "/predict", *multipart([("image", f"{i}.png", image_bytes(i)) for i in range(MAX_IMAGES + 1)])), 413),
     (("POST", "/predict", b"x" * (MAX_BYTES + 1), "application/json"), 413),
     (("POST", "/predict", b"hello", "text/plain"), 415),
     (("POST", "/predict", b'{"image": ', "application/json"), 400),
     (("POST", "/predict", json.dumps({"image": _b64(b"text")}).encode(), "application/json"), 422),
-    (("POST", "/predict?top_k=0", *_mp([("image", "a.png", image_bytes())])), 400),
+    (("POST", "/predict?top_k=0", *multipart([("image", "a.png", image_bytes())])), 400),
     # found by review, were 500s: JSON nested past Python's recursion limit, an integer of over
     # 4300 digits (json.loads raises RecursionError / a plain ValueError for those)
     (("POST", "/predict", b"[" * 50_000 + b"]" * 50_000, "application/json"), 400),
@@ -189,11 +187,10 @@ def test_bad_requests_are_answered_as_documented(server, spec, request_, status)
 
 
 def _budget(factor: float) -> int:
-    """Examples for one operation: ``factor`` times the loaded hypothesis profile's max_examples
-    (tests/conftest.py: ``ci`` 100, ``long`` 2000); CNNKIT_HTTP_EXAMPLES overrides."""
+    """:func:`fuzz_budget`, which CNNKIT_HTTP_EXAMPLES overrides."""
     if os.environ.get("CNNKIT_HTTP_EXAMPLES"):
         return int(os.environ["CNNKIT_HTTP_EXAMPLES"])
-    return max(1, int(settings.default.max_examples * factor))
+    return fuzz_budget(factor)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +219,7 @@ def _checks():
 
 
 @api.parametrize()
-@settings(max_examples=_budget(1.0), deadline=None, database=None,
+@settings(max_examples=_budget(1.0),  # deadline and database: the loaded profile's (conftest.py)
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 def test_generated_requests_get_documented_json_answers_and_never_a_5xx(case, server, spec):
     response = case.call(timeout=30)
@@ -242,26 +239,17 @@ def test_the_server_survived_the_generated_requests(server):
     if GENERATED:  # (not when the property test was deselected)
         assert per_operation["POST /predict"] >= min(50, _budget(1.0))
         assert GENERATED[("POST /predict", 200)] > 0  # the documented examples reach the model
-    errors = [r for r in server.records() if r["status"] >= 500 and r["path"] != "/ready"]  # 503 while warming up
+    errors = server.server_errors()
     assert not errors, errors[:3]
 
 
 # --- oversized bodies -------------------------------------------------------------------------
 
 
-def _predict_head(content_type: str, **headers: str) -> bytes:
-    return request_head("POST", "/predict", {"Content-Type": content_type, **headers})
-
-
-def assert_json_error(answer, status: int) -> None:
-    assert answer.status == status, answer
-    assert answer.is_json_error(), answer
-
-
 def test_over_max_bytes_is_a_413_from_the_content_length_alone(server):
     """Content-Length over the limit: 413 at once, without waiting for (or reading) the body."""
     with connect(server, timeout=10) as sock:
-        sock.sendall(_predict_head("application/json", **{"Content-Length": str(50 * MAX_BYTES)}) + b'{"image": "')
+        sock.sendall(predict_head("application/json", **{"Content-Length": str(50 * MAX_BYTES)}) + b'{"image": "')
         started = time.monotonic()
         answer = read_answer(sock)
     assert_json_error(answer, 413)
@@ -282,7 +270,7 @@ def test_a_content_length_that_understates_the_body_reads_no_further(server):
             pass  # closed by the server: expected
 
     with connect(server, timeout=20) as sock:
-        sock.sendall(_predict_head("application/json", **{"Content-Length": "64"}))
+        sock.sendall(predict_head("application/json", **{"Content-Length": "64"}))
         sender = threading.Thread(target=send, args=(sock,), daemon=True)
         sender.start()
         first = read_answer(sock)
@@ -302,7 +290,7 @@ def test_a_content_length_that_overstates_the_body_times_out_with_408(server):
     """Content-Length under the limit, but the client sends less and waits: 408 after --timeout."""
     data, content_type = multipart([("image", "a.png", image_bytes())])
     with connect(server, timeout=READ_TIMEOUT + 20) as sock:
-        sock.sendall(_predict_head(content_type, **{"Content-Length": str(len(data) + 1000)}) + data)
+        sock.sendall(predict_head(content_type, **{"Content-Length": str(len(data) + 1000)}) + data)
         started = time.monotonic()
         answer = read_answer(sock)
         waited = time.monotonic() - started
@@ -316,14 +304,14 @@ def test_a_chunked_body_over_max_bytes_is_a_413(server, content_type):
     body = b"{" + b" " * (3 * MAX_BYTES) if content_type == "application/json" else (
         b"--xyz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
         + os.urandom(3 * MAX_BYTES) + b"\r\n--xyz--\r\n")
-    answer = send_raw(server, _predict_head(content_type, **{"Transfer-Encoding": "chunked"}) + chunked(body))
+    answer = send_raw(server, predict_head(content_type, **{"Transfer-Encoding": "chunked"}) + chunked(body))
     assert_json_error(answer, 413)
     assert_alive(server)
 
 
 def test_a_chunked_body_within_the_limit_is_served(server):
     data, content_type = multipart([("image", "a.png", image_bytes(2))])
-    answer = send_raw(server, _predict_head(content_type, **{"Transfer-Encoding": "chunked"}) + chunked(data, 1000))
+    answer = send_raw(server, predict_head(content_type, **{"Transfer-Encoding": "chunked"}) + chunked(data, 1000))
     assert answer.status == 200, answer
     assert answer.json["results"][0]["filename"] == "a.png"
 
@@ -335,7 +323,7 @@ def test_a_chunked_body_within_the_limit_is_served(server):
 ], ids=["bad-size", "truncated", "no-terminator"])
 def test_malformed_chunked_bodies_are_a_json_400(server, body):
     with connect(server, timeout=READ_TIMEOUT + 20) as sock:
-        sock.sendall(_predict_head("application/json", **{"Transfer-Encoding": "chunked"}) + body)
+        sock.sendall(predict_head("application/json", **{"Transfer-Encoding": "chunked"}) + body)
         sock.shutdown(socket.SHUT_WR)  # the client has nothing more to say
         answer = read_answer(sock)
     assert_json_error(answer, 400)

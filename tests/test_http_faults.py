@@ -24,7 +24,7 @@ if not os.path.isdir("/proc/self"):
     pytest.skip("needs /proc (Linux)", allow_module_level=True)
 
 from deploy_helpers import http, image_bytes, make_checkpoint, multipart, post_images  # noqa: E402
-from http_server import connect, read_answer, request_head, start_server  # noqa: E402
+from http_server import assert_json_error, connect, predict_head, read_answer, request_head, start_server  # noqa: E402
 
 TIMEOUT = 2.0  # --timeout: the read deadline of one request
 WORKERS, THREADS = 2, 4
@@ -51,8 +51,8 @@ def _timed_get(server, path: str = "/health") -> float:
 
 
 def assert_408(answer) -> None:
-    assert answer.status == 408, answer
-    assert answer.is_json_error() and "did not arrive" in answer.json["error"], answer
+    assert_json_error(answer, 408)
+    assert "did not arrive" in answer.json["error"], answer
 
 
 # --- slow clients -------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def test_headers_then_silence_is_a_408_after_the_timeout(server):
 
 def test_complete_headers_then_no_body_is_a_408_from_the_app(server):
     data, content_type = _predict_body()
-    head = request_head("POST", "/predict", {"Content-Type": content_type, "Content-Length": str(len(data))})
+    head = predict_head(content_type, **{"Content-Length": str(len(data))})
     with connect(server, timeout=30) as sock:
         sock.sendall(head + data[:100])
         started = time.monotonic()
@@ -87,7 +87,7 @@ def test_a_body_trickled_byte_by_byte_is_cut_at_the_timeout(server):
     """A per-read timeout would never fire here: every read gets a byte in time. The deadline is
     for the whole request."""
     data, content_type = _predict_body()
-    head = request_head("POST", "/predict", {"Content-Type": content_type, "Content-Length": str(len(data))})
+    head = predict_head(content_type, **{"Content-Length": str(len(data))})
     answer = None
     with connect(server, timeout=30) as sock:
         sock.sendall(head)
@@ -183,8 +183,7 @@ def test_kill_9_of_a_worker_is_survived(server):
 
         # Start a request on the survivor and leave it in flight: headers and half the body sent.
         data, content_type = _predict_body(seed=11)
-        sock.sendall(request_head("POST", "/predict?top_k=2", {"Content-Type": content_type,
-                                                              "Content-Length": str(len(data))}))
+        sock.sendall(predict_head(content_type, "/predict?top_k=2", **{"Content-Length": str(len(data))}))
         sock.sendall(data[: len(data) // 2])
         started = time.monotonic()
 

@@ -136,7 +136,6 @@ def test_soak(tmp_path):
         lock = threading.Lock()
         began = time.monotonic()
         end = began + SECONDS
-        rss_warm: dict[int, int] = {}
 
         def run(seed: int) -> None:
             rng = random.Random(seed)
@@ -165,7 +164,7 @@ def test_soak(tmp_path):
         elapsed = time.monotonic() - began
         live = server.worker_pids()
         rss_end = {pid: rss_kib(pid) for pid in workers if pid in live}
-        server_errors = [r for r in server.records() if r["status"] >= 500 and r["path"] != "/ready"]  # (warm-up)
+        server_errors = server.server_errors()
     finally:
         server.stop()
 
