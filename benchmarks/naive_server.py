@@ -18,8 +18,8 @@ import torch
 from flask import Flask, jsonify, request
 from PIL import Image
 
-from cnnkit.checkpoint import load_checkpoint
-from cnnkit.transforms import build_transforms
+from cnnkit.data.transforms import build_transforms
+from cnnkit.models.checkpoint import load_checkpoint
 
 app = Flask(__name__)
 checkpoint = load_checkpoint(os.environ["CKPT"])

@@ -59,9 +59,9 @@ def make_images(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
 
 
 def make_checkpoint(arch: str, path: Path, image_size: int | None = None) -> None:
-    from cnnkit.checkpoint import Checkpoint, library_versions
-    from cnnkit.models import build_model
-    from cnnkit.transforms import resolve_preprocess
+    from cnnkit.data.transforms import resolve_preprocess
+    from cnnkit.models.build import build_model
+    from cnnkit.models.checkpoint import Checkpoint, library_versions
 
     model, head = build_model(arch, 5, "none")
     Checkpoint(
@@ -100,8 +100,8 @@ def run(cmd: list[str], **kwargs) -> float:
 
 def python_loop(arch: str, ckpt: Path, paths: list[Path]) -> float:
     """Images/s of the per-image way: decode, transform, one forward pass per image."""
-    from cnnkit.predict import Predictor
-    from cnnkit.transforms import load_image
+    from cnnkit.data.transforms import load_image
+    from cnnkit.inference.predictor import Predictor
 
     predictor = Predictor(str(ckpt), device="cpu")
     start = time.perf_counter()

@@ -61,9 +61,9 @@ def free_port() -> int:
 
 
 def make_checkpoint(arch: str, path: Path) -> None:
-    from cnnkit.checkpoint import Checkpoint, library_versions
-    from cnnkit.models import build_model
-    from cnnkit.transforms import resolve_preprocess
+    from cnnkit.data.transforms import resolve_preprocess
+    from cnnkit.models.build import build_model
+    from cnnkit.models.checkpoint import Checkpoint, library_versions
 
     torch.manual_seed(0)
     model, head = build_model(arch, 5, "none")
@@ -225,7 +225,7 @@ def run_level(port: int, payloads: list, concurrency: int, requests: int, max_se
 @torch.inference_mode()
 def forward_loop(checkpoint: Path, batch: int, min_seconds: float, threads: int) -> float:
     """Images/s of the bare model on ready-made tensors at ``batch`` with ``threads`` threads."""
-    from cnnkit.checkpoint import load_checkpoint
+    from cnnkit.models.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)

@@ -75,7 +75,7 @@ def steady(seconds: list[float]) -> float:
 
 def cnnkit_run(data: Path, out: Path, arch: str, epochs: int, batch_size: int, workers: int, **options) -> dict:
     from cnnkit.config import TrainConfig
-    from cnnkit.engine import train
+    from cnnkit.training import train
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(str(data), arch=arch, epochs=epochs, batch_size=batch_size, workers=workers,
@@ -144,7 +144,7 @@ def reference_run(data: Path, arch: str, epochs: int, batch_size: int, workers: 
 
 
 def bench_arch(arch: str, data: Path, work: Path, args) -> dict:
-    from cnnkit.engine import default_workers
+    from cnnkit.runtime import default_workers
 
     workers = default_workers(args.workers)
     work.mkdir(parents=True, exist_ok=True)

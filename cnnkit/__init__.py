@@ -6,9 +6,10 @@ library's entry points are imported lazily::
     from cnnkit import TrainConfig, train
     result = train(TrainConfig(data_dir="data/flowers-mini", arch="resnet18"))
 
-The other stages are functions of the modules named after them (``cnnkit.predict.predict``,
-``cnnkit.evaluate.evaluate``, ``cnnkit.export.export``, ``cnnkit.lr_find.lr_find``); they are not
-re-exported here because each would shadow its own module.
+The other stages are functions of the modules named after them (``cnnkit.inference.predict.predict``,
+``cnnkit.evaluate.evaluate``, ``cnnkit.export.export``, ``cnnkit.training.lr_find.lr_find``); they
+are not re-exported here because each would shadow its own module. docs/ARCHITECTURE.md maps the
+package.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ _LAZY = {
         "cnnkit.config",
     ),
     "CnnkitError": "cnnkit.errors",
-    "train": "cnnkit.engine",
-    "Predictor": "cnnkit.predict",
+    "train": "cnnkit.training",
+    "Predictor": "cnnkit.inference.predictor",
     "create_app": "cnnkit.serve",
-    "load_checkpoint": "cnnkit.checkpoint",
-    "build_model": "cnnkit.models",
-    "build_transforms": "cnnkit.transforms",
+    "load_checkpoint": "cnnkit.models.checkpoint",
+    "build_model": "cnnkit.models.build",
+    "build_transforms": "cnnkit.data.transforms",
 }
 
 __all__ = ["__version__", *_LAZY]

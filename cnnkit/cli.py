@@ -8,7 +8,6 @@ Nothing heavy is imported at module level, so ``cnnkit --help`` answers at once.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -18,6 +17,7 @@ import click
 from . import __version__
 from .config import EvaluateConfig, PredictConfig, TrainConfig
 from .errors import CnnkitError, ConfigError, PartialFailure, WorkerError, worker_death
+from .logs import setup_logging
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx")
 EXIT_CODES_HELP = (
@@ -25,23 +25,6 @@ EXIT_CODES_HELP = (
     "5 weights unavailable, 6 output problem, 7 some inputs failed, 8 a worker process died, 130 interrupted, "
     "141 output pipe closed."
 )
-
-
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
-
-
-def _setup_logging(verbosity: int) -> None:
-    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    logger = logging.getLogger("cnnkit")
-    logger.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
 
 
 class _Group(click.Group):
@@ -110,7 +93,7 @@ def _device(device: str, gpu: bool) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 def main(verbose: int, quiet: bool) -> None:
     """Train, evaluate and use image classifiers built on pretrained torchvision CNNs."""
-    _setup_logging(-1 if quiet else verbose)
+    setup_logging(-1 if quiet else verbose)
     _pass_undecodable_names()
 
 
@@ -197,10 +180,10 @@ def train(gpu: bool, progress: bool | None, device: str, **options: Any) -> None
       cnnkit train photos/ --arch resnet50 --epochs 5 --fine-tune 5 --early-stop 3
       torchrun --nproc-per-node 4 -m cnnkit train photos/ --arch resnet50 --epochs 20
     """
-    from .engine import train as run_training
+    from .training import train as run_training
 
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 reports progress
-        _setup_logging(-1)
+        setup_logging(-1)
     cfg = TrainConfig(device=_device(device, gpu), progress=_progress(progress), **options)
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) > 0:
@@ -238,7 +221,7 @@ def lr_find(gpu: bool, progress: bool | None, device: str, start_lr: float, end_
       cnnkit lr-find data/flowers-mini --arch resnet18 --weights none --image-size 64
     """
     from .config import LRFindConfig
-    from .lr_find import format_result, lr_find as run_lr_find
+    from .training.lr_find import format_result, lr_find as run_lr_find
 
     train_cfg = TrainConfig(device=_device(device, gpu), progress=_progress(progress), **options)
     cfg = LRFindConfig(train_cfg, start_lr=start_lr, end_lr=end_lr, steps=steps, plot=plot, force=force)
@@ -287,7 +270,7 @@ def predict(
     A file that cannot be scored gets an error row and the others are still scored; the exit
     code is then 7.
     """
-    from .predict import predict_to_output
+    from .inference.predict import predict_to_output
 
     inputs, checkpoint = _split_seed_order(inputs, checkpoint)
     cfg = PredictConfig(
@@ -303,7 +286,7 @@ def predict(
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def info(checkpoint: str, as_json: bool) -> None:
     """Show a checkpoint's metadata: arch, classes, preprocessing, training summary."""
-    from .checkpoint import describe, format_description
+    from .models.checkpoint import describe, format_description
 
     meta = describe(checkpoint)
     if as_json:

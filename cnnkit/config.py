@@ -32,7 +32,7 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-class _Serializable:
+class Serializable:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
@@ -44,7 +44,7 @@ class _Serializable:
 
 
 @dataclass(frozen=True)
-class PreprocessConfig(_Serializable):
+class PreprocessConfig(Serializable):
     """Everything that turns a decoded image into the model's input tensor.
 
     Eval: resize the short side to ``resize_size``, centre-crop ``image_size``, normalise.
@@ -90,7 +90,7 @@ def _check_common(batch_size: int | None, workers: int | None, device: str) -> N
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Serializable):
+class TrainConfig(Serializable):
     """Options of ``cnnkit train``; ``None`` means "choose for me" (documented per field)."""
 
     data_dir: str
@@ -197,14 +197,14 @@ class TrainConfig(_Serializable):
 
 
 @dataclass(frozen=True)
-class PredictConfig(_Serializable):
+class PredictConfig(Serializable):
     """Options of ``cnnkit predict``."""
 
     inputs: tuple[str, ...]
     checkpoint: str
     top_k: int = 1
     category_names: str | None = None
-    batch_size: int | None = None  # None: cnnkit.predict.scoring_defaults
+    batch_size: int | None = None  # None: cnnkit.inference.predictor.scoring_defaults
     workers: int | None = None
     device: str = "auto"
     progress: bool = True
@@ -259,7 +259,7 @@ class PredictConfig(_Serializable):
 
 
 @dataclass(frozen=True)
-class EvaluateConfig(_Serializable):
+class EvaluateConfig(Serializable):
     """Options of ``cnnkit evaluate``."""
 
     checkpoint: str
@@ -273,7 +273,7 @@ class EvaluateConfig(_Serializable):
     output: str | None = None
     worst: int = 12
     force: bool = False
-    batch_size: int | None = None  # None: cnnkit.predict.scoring_defaults
+    batch_size: int | None = None  # None: cnnkit.inference.predictor.scoring_defaults
     workers: int | None = None
     device: str = "auto"
     progress: bool = True
@@ -295,7 +295,7 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 
 
 @dataclass(frozen=True)
-class ServeConfig(_Serializable):
+class ServeConfig(Serializable):
     """Options of ``cnnkit serve``: the model, gunicorn's processes, micro-batching and limits."""
 
     checkpoint: str  # a cnnkit checkpoint, or a model exported with ``cnnkit export --format onnx``
@@ -337,7 +337,7 @@ class ServeConfig(_Serializable):
 
 
 @dataclass(frozen=True)
-class ExportConfig(_Serializable):
+class ExportConfig(Serializable):
     """Options of ``cnnkit export``."""
 
     checkpoint: str
@@ -358,7 +358,7 @@ class ExportConfig(_Serializable):
 
 
 @dataclass(frozen=True)
-class LRFindConfig(_Serializable):
+class LRFindConfig(Serializable):
     """Options of ``cnnkit lr-find``: the model and data options of a training run (``train``)
     and the range of the test. ``plot`` writes ``lr_find.png`` into ``train.save_dir``."""
 

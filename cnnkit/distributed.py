@@ -1,5 +1,6 @@
-"""Data-parallel training under ``torchrun``: the process group, sharded samplers, reductions
-and the ``--nproc`` launcher.
+"""Data-parallel training under ``torchrun``: the process group, who this process is in it, and
+reductions over the ranks (the ``--nproc`` launcher is :mod:`cnnkit.training.launch`, the
+sharded sampler :mod:`cnnkit.data.samplers`).
 
 ``torchrun --nproc-per-node N -m cnnkit train ...`` starts N copies of the CLI with ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and a rendezvous in the environment; :func:`init` joins them into
@@ -11,21 +12,15 @@ files, logs and draws progress bars.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import os
-import sys
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
-from torch.utils.data import Sampler
 
-from .config import TrainConfig
-from .errors import CnnkitError, ConfigError, Interrupted
+from . import errors
+from .errors import CnnkitError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +83,7 @@ class DistContext:
             payload = [None if error is None else (type(error).__name__, str(error), error.exit_code)]
             dist.broadcast_object_list(payload, src=0)
             if payload[0] is not None and error is None:
-                error = _rebuild_error(*payload[0])
+                error = rebuild_error(*payload[0])
         if error is not None:
             raise error
         return result
@@ -151,166 +146,10 @@ def wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-# --- sampling -------------------------------------------------------------------------------
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of every random choice in ``epoch``: a resumed run repeats it exactly."""
-    return seed * 100_003 + epoch
-
-
-class EpochSampler(Sampler[int]):
-    """Indices of one epoch for one rank, a pure function of (seed, epoch, rank).
-
-    DistributedSampler's scheme (one permutation shared by all ranks, padded to a multiple of
-    the world size, rank ``r`` taking every ``world_size``-th index from ``r``), plus weighted
-    draws (``--sampler balanced``) and unpadded shards for evaluation (``pad=False``), where a
-    repeated image would be counted twice. With one process it is a plain shuffle.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        weights: Sequence[float] | torch.Tensor | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        pad: bool = True,
-    ):
-        self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        self.rank, self.world_size, self.pad = rank, world_size, pad
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _order(self) -> list[int]:
-        if self.weights is None and not self.shuffle:
-            return list(range(self.size))
-        generator = torch.Generator()
-        generator.manual_seed(epoch_seed(self.seed, self.epoch))
-        if self.weights is not None:
-            return torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
-        return torch.randperm(self.size, generator=generator).tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        order = self._order()
-        if self.world_size > 1:
-            if self.pad and order:
-                total = math.ceil(len(order) / self.world_size) * self.world_size
-                order = (order * math.ceil(total / len(order)))[:total]
-            order = order[self.rank :: self.world_size]
-        return iter(order)
-
-    def __len__(self) -> int:
-        if self.world_size == 1:
-            return self.size
-        if self.pad:
-            return math.ceil(self.size / self.world_size)
-        return len(range(self.rank, self.size, self.world_size))
-
-
-# --- launching torchrun ---------------------------------------------------------------------
-
-
-def launch(cfg: TrainConfig, verbosity: int | None = None) -> Any:
-    """Run ``train(cfg)`` in ``cfg.nproc`` processes on this machine, as ``torchrun --standalone
-    --nproc-per-node N`` does (through torchrun's own launcher API), and return rank 0's
-    TrainResult; a CnnkitError of rank 0 is raised here, with its exit code."""
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from .engine import TrainResult
-
-    level = verbosity if verbosity is not None else logging.getLogger("cnnkit").getEffectiveLevel()
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-    )
-    elastic_log = logging.getLogger("torch.distributed.elastic")
-    saved_level, saved_threads = elastic_log.level, os.environ.get("OMP_NUM_THREADS")
-    with tempfile.TemporaryDirectory(prefix="cnnkit-nproc-") as tmp:
-        cfg_path, result_path = os.path.join(tmp, "config.json"), os.path.join(tmp, "result.json")
-        with open(cfg_path, "w", encoding="utf-8") as handle:
-            json.dump(dataclasses.replace(cfg, nproc=1).to_dict(), handle)
-        log.info("training in %d processes (torchrun --standalone --nproc-per-node %d)", cfg.nproc, cfg.nproc)
-        if saved_threads is None:  # as torchrun: N processes must not each take every core
-            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.nproc))
-        elastic_log.setLevel(logging.CRITICAL)  # a failed worker is reported below, in one line
-        try:
-            elastic_launch(config, sys.executable)("-m", "cnnkit.distributed", cfg_path, result_path, str(level))
-        except ChildFailedError:
-            pass
-        finally:
-            elastic_log.setLevel(saved_level)
-            if saved_threads is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-        # Rank 0's outcome; when it was stopped because another rank failed, that rank's.
-        outcomes = (_read_json(f"{result_path}.{rank}") for rank in range(cfg.nproc))
-        outcome = next((o for o in outcomes if o is not None), None)
-    if outcome is None:
-        raise CnnkitError(f"the {cfg.nproc} training processes failed; see the log above")
-    if "error" in outcome:
-        raise _rebuild_error(outcome["type"], outcome["error"], outcome["exit_code"])
-    return TrainResult(**outcome["result"])
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
-def _rebuild_error(type_name: str, message: str, exit_code: int) -> CnnkitError:
-    from . import errors
-
-    cls = getattr(errors, type_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, CnnkitError)):
-        cls = next((c for c in _error_classes() if c.exit_code == exit_code), CnnkitError)
+def rebuild_error(type_name: str, message: str, exit_code: int) -> CnnkitError:
+    """The CnnkitError another process reported, by its class name (else by its exit code)."""
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, CnnkitError)]
+    cls = next((c for c in classes if c.__name__ == type_name), None)
+    if cls is None:
+        cls = next((c for c in classes if c.exit_code == exit_code), CnnkitError)
     return cls(message)
-
-
-def _error_classes() -> list[type[CnnkitError]]:
-    from . import errors
-
-    return [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, CnnkitError)]
-
-
-def _worker_main(argv: list[str]) -> int:
-    """One torchrun worker of :func:`launch`: train, and have rank 0 report the outcome."""
-    cfg_path, result_path, level = argv[0], argv[1], int(argv[2])
-    from .cli import _setup_logging  # the CLI's one-line log format
-    from .engine import train
-
-    rank = int(os.environ.get("RANK", "0"))
-    _setup_logging({logging.WARNING: -1, logging.INFO: 0}.get(level, 1) if rank == 0 else -1)
-    with open(cfg_path, encoding="utf-8") as handle:
-        cfg = TrainConfig.from_dict(json.load(handle))
-    try:
-        result = train(cfg)
-        outcome: dict[str, Any] = {"result": dataclasses.asdict(result)}
-        code = 0
-    except CnnkitError as exc:
-        outcome = {"type": type(exc).__name__, "error": str(exc), "exit_code": exc.exit_code}
-        code = exc.exit_code
-    except KeyboardInterrupt:
-        exc = Interrupted("interrupted")
-        outcome = {"type": "Interrupted", "error": str(exc), "exit_code": exc.exit_code}
-        code = exc.exit_code
-    if rank == 0 or code != 0:
-        path = f"{result_path}.{rank}"
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(outcome, handle)
-        os.replace(path + ".tmp", path)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
-

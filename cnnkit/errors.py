@@ -107,6 +107,12 @@ def worker_death(exc: BaseException) -> str | None:
     return f"a data-loading worker process (pid {pids.strip()}) {what} (out of memory, or an image crashed its decoder)"
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def require_extra(extra: str, *modules: str) -> None:
     """Raise a one-line :class:`ConfigError` when an optional extra's modules are not installed."""
     import importlib.util

@@ -16,9 +16,9 @@ from typing import IO, Any, Sequence
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
+from .models.checkpoint import load_checkpoint
 from .config import EvaluateConfig
-from .data import scan_image_folder
+from .data.folders import scan_image_folder
 from .errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def match_classes(
 
 def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     """Score the labelled folder, build the report, and write what ``cfg`` asks for."""
-    from .predict import Predictor
+    from .inference.predictor import Predictor
 
     if (cfg.calibrate or cfg.target_coverage is not None) and cfg.checkpoint.lower().endswith(".onnx"):
         raise ConfigError(

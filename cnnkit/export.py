@@ -1,14 +1,12 @@
-"""Export a checkpoint to ONNX or TorchScript, verify parity, and run exported ONNX models.
+"""Export a checkpoint to ONNX or TorchScript and verify parity.
 
 The exported graph is the whole model: backbone, head and softmax. It takes ``input``, a float32
 batch ``[N, 3, H, W]`` preprocessed as the metadata says (resize, centre crop, normalise), and
 gives ``probabilities`` ``[N, classes]``, with the checkpoint's fitted temperature applied when it
 has one, i.e. exactly what ``cnnkit predict`` reports. The batch dimension is dynamic.
 
-Metadata travels with the file, so an export is as self-describing as a checkpoint: class labels
-and names, preprocessing, arch, training summary, calibration and drift reference statistics, as
-JSON values under ``cnnkit.*`` keys of the ONNX ``metadata_props``, or in the TorchScript extra
-file ``cnnkit.json``.
+Metadata travels with the file (see :mod:`cnnkit.models.exported`), so an export is as
+self-describing as a checkpoint.
 
 ONNX uses torch's TorchScript-based exporter (``dynamo=False``): one self-contained file, no
 onnxscript dependency, and the same behaviour on every torch this project supports (2.1 on).
@@ -17,7 +15,6 @@ torch marks it deprecated since 2.9; the parity check catches any drift in what 
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -31,34 +28,25 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, load_checkpoint
-from .config import ExportConfig, PreprocessConfig
-from .errors import CheckpointError, CnnkitError, ConfigError, OutputError, require_extra
-from .models import HeadSpec
+from .config import ExportConfig
+from .errors import CnnkitError, OutputError, first_line, require_extra
+from .inference.onnx import OnnxBackend
+from .models.checkpoint import load_checkpoint
+from .models.exported import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    TORCHSCRIPT_METADATA,
+    export_metadata,
+    load_torchscript,
+    model_version,
+    onnx_props,
+)
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "cnnkit-export"
-EXPORT_FORMAT_VERSION = 1
-INPUT_NAME, OUTPUT_NAME = "input", "probabilities"
-TORCHSCRIPT_METADATA = "cnnkit.json"  # the TorchScript extra file holding the metadata
 PARITY_ATOL = 1e-4  # max abs difference of probabilities allowed between PyTorch and the export
 PARITY_BATCHES = (1, 5)  # batch sizes checked; neither is the traced one, so the batch dim is tested
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-
-
-def is_onnx_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` names an exported ONNX model (by its extension)."""
-    return os.fspath(path).lower().endswith(".onnx")
-
-
-def model_version(path: str | os.PathLike[str]) -> str:
-    """A model file's identity: ``sha256:`` and the first 16 hex digits of its SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()[:16]
 
 
 class ProbabilityModel(nn.Module):
@@ -74,162 +62,6 @@ class ProbabilityModel(nn.Module):
         if self.temperature != 1.0:
             log_probs = torch.log_softmax(log_probs / self.temperature, dim=1)
         return log_probs.exp()
-
-
-# --- metadata -----------------------------------------------------------------------------
-
-
-def export_metadata(ckpt: Checkpoint, source_version: str | None = None) -> dict[str, Any]:
-    """Everything but the weights that a runtime needs to use the exported model."""
-    pre = ckpt.preprocess
-    return {
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_FORMAT_VERSION,
-        "arch": ckpt.arch,
-        "head": ckpt.head.to_dict(),
-        "classes": list(ckpt.classes),
-        "class_names": {c: ckpt.name_of(c) for c in ckpt.classes},
-        "preprocess": pre.to_dict(),
-        "input": (
-            f"{INPUT_NAME}: float32 [batch, 3, {pre.image_size}, {pre.image_size}], RGB; resize the short side "
-            f"to {pre.resize_size} ({pre.interpolation}), centre-crop {pre.image_size}, scale to [0, 1], "
-            f"subtract mean {list(pre.mean)}, divide by std {list(pre.std)}"
-        ),
-        "output": f"{OUTPUT_NAME}: float32 [batch, {len(ckpt.classes)}], softmax over the classes, in order",
-        "calibration": dict(getattr(ckpt, "calibration", {}) or {}),
-        "summary": dict(ckpt.summary),
-        "versions": dict(ckpt.versions),
-        "reference_stats": getattr(ckpt, "reference_stats", None),
-        "source_model_version": source_version,
-    }
-
-
-def checkpoint_from_metadata(meta: Mapping[str, Any], source: str) -> Checkpoint:
-    """A weightless :class:`Checkpoint` describing an exported model (for Predictor and the server).
-
-    The temperature is already in the exported graph, so it is left out of ``calibration``.
-    """
-    if meta.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{source} is not a model exported by cnnkit export (no cnnkit metadata)")
-    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > EXPORT_FORMAT_VERSION:
-        raise CheckpointError(f"{source} was exported by a newer cnnkit (format {meta.get('format_version')}); upgrade cnnkit")
-    try:
-        ckpt = Checkpoint(
-            arch=meta["arch"],
-            head=HeadSpec.from_dict(meta["head"]),
-            state_dict={},
-            classes=list(meta["classes"]),
-            preprocess=PreprocessConfig.from_dict(meta["preprocess"]),
-            class_names=dict(meta.get("class_names") or {}),
-            summary=dict(meta.get("summary") or {}),
-            versions=dict(meta.get("versions") or {}),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source} has incomplete cnnkit metadata ({exc})") from None
-    if hasattr(ckpt, "calibration"):
-        ckpt.calibration = {k: v for k, v in (meta.get("calibration") or {}).items() if k != "temperature"}
-    ckpt.reference_stats = meta.get("reference_stats")
-    return ckpt
-
-
-def _onnx_props(meta: Mapping[str, Any]) -> dict[str, str]:
-    return {f"cnnkit.{key}": json.dumps(value, ensure_ascii=False) for key, value in meta.items()}
-
-
-def _parse_onnx_props(props: Mapping[str, str]) -> dict[str, Any]:
-    meta = {}
-    for key, value in props.items():
-        if key.startswith("cnnkit."):
-            try:
-                meta[key[len("cnnkit."):]] = json.loads(value)
-            except json.JSONDecodeError:
-                continue
-    return meta
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The cnnkit metadata of an exported ONNX or TorchScript file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"exported model not found: {path}")
-    if is_onnx_file(path):
-        require_extra("export", "onnx")
-        import onnx
-
-        try:
-            model = onnx.load(path, load_external_data=False)
-        except Exception as exc:
-            raise CheckpointError(f"{path} is not a readable ONNX model ({_first_line(exc)})") from None
-        return _parse_onnx_props({p.key: p.value for p in model.metadata_props})
-    extra = {TORCHSCRIPT_METADATA: ""}
-    try:
-        _load_torchscript(path, extra)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable TorchScript model ({_first_line(exc)})") from None
-    return json.loads(extra[TORCHSCRIPT_METADATA] or "{}")
-
-
-def _load_torchscript(path: str, extra_files: dict[str, Any] | None = None) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        module = torch.jit.load(path, map_location="cpu", _extra_files=extra_files or {})
-    return module.eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-# --- ONNX Runtime backend -----------------------------------------------------------------
-
-
-class OnnxBackend:
-    """An exported ONNX model run by ONNX Runtime, scoring preprocessed batches.
-
-    ``checkpoint`` describes it (classes, names, preprocessing...) like a checkpoint without
-    weights. ``threads`` sizes ONNX Runtime's intra-op pool; by default it is torch's, so the
-    server's per-worker sizing applies to both runtimes.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], device: str = "auto", threads: int | None = None):
-        require_extra("export", "onnxruntime")
-        import onnxruntime as ort
-
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"exported model not found: {path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only
-        try:
-            self.session = ort.InferenceSession(path, options, providers=_providers(device, ort.get_available_providers()))
-        except Exception as exc:
-            raise CheckpointError(f"{path} is not a loadable ONNX model ({_first_line(exc)})") from None
-        self.path = path
-        self.metadata = _parse_onnx_props(self.session.get_modelmeta().custom_metadata_map)
-        self.checkpoint = checkpoint_from_metadata(self.metadata, path)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities for a batch of preprocessed images (a CPU float32 tensor)."""
-        array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-
-
-def _providers(device: str, available: list[str]) -> list[str]:
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device.startswith("cuda") or device == "auto":
-        if "CUDAExecutionProvider" in available:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        if device != "auto":
-            raise ConfigError(
-                f"--device {device}: this onnxruntime has no CUDA provider (install onnxruntime-gpu), or use --device cpu"
-            )
-        return ["CPUExecutionProvider"]
-    raise ConfigError(f"--device {device} is not supported for ONNX models; use cpu, cuda or auto")
 
 
 # --- export -------------------------------------------------------------------------------
@@ -343,9 +175,9 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, meta: Mappi
                 **options,
             )
         except Exception as exc:
-            raise CnnkitError(f"ONNX export failed (opset {opset}): {_first_line(exc)}") from None
+            raise CnnkitError(f"ONNX export failed (opset {opset}): {first_line(exc)}") from None
     proto = onnx.load(path)
-    for key, value in _onnx_props(meta).items():
+    for key, value in onnx_props(meta).items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     proto.doc_string = f"cnnkit {meta['arch']} classifier: {meta['input']} -> {meta['output']}"
     onnx.checker.check_model(proto)
@@ -358,7 +190,7 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, meta
         try:
             traced = torch.jit.trace(model, example, check_trace=False)  # check_parity checks, on other batch sizes
         except Exception as exc:
-            raise CnnkitError(f"TorchScript export failed: {_first_line(exc)}") from None
+            raise CnnkitError(f"TorchScript export failed: {first_line(exc)}") from None
         torch.jit.save(traced, path, _extra_files={TORCHSCRIPT_METADATA: json.dumps(meta, ensure_ascii=False)})
 
 
@@ -369,7 +201,7 @@ def check_parity(reference: nn.Module, path: str, fmt: str, image_size: int) -> 
         backend = OnnxBackend(path, device="cpu")
         run = backend.probabilities
     else:
-        loaded = _load_torchscript(path)
+        loaded = load_torchscript(path)
 
         def run(batch: torch.Tensor) -> torch.Tensor:
             return loaded(batch)

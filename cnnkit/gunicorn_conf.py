@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 
+from .serve.metrics import multiprocess_dir as _metrics_dir  # private here: not a gunicorn setting
+
 # gthread (request threads feed each worker's micro-batcher), with a deadline on reading each
 # request and JSON error bodies for the errors gunicorn answers itself
 worker_class = "cnnkit.serve.BoundedThreadWorker"
@@ -24,10 +26,6 @@ keepalive = 5
 control_socket_disable = True  # gunicorn >= 25: one control socket per user would clash between servers
 
 _PROMETHEUS_FILE = re.compile(r"^(counter|gauge_[a-z]+|histogram|summary)_\d+\.db$")
-
-
-def _metrics_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
 
 
 def on_starting(server) -> None:

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .errors import ImageError  # noqa: E402
-from .transforms import load_image  # noqa: E402
+from .data.transforms import load_image  # noqa: E402
 
 
 def _save(fig, path: str) -> None:

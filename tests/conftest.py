@@ -37,7 +37,8 @@ from helpers import (
 # fuzz_helpers.py), so the profile scales all of them. No example database: runs are reproducible
 # from the seed hypothesis prints on failure, and the tree stays clean.
 try:
-    from hypothesis import HealthCheck, settings as _hypothesis_settings
+    from hypothesis import HealthCheck
+    from hypothesis import settings as _hypothesis_settings
 
     _FUZZ = dict(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     _hypothesis_settings.register_profile("ci", max_examples=100, **_FUZZ)
@@ -92,13 +93,14 @@ def trained(tmp_path_factory, image_folder, category_names) -> TrainedRun:
     """
     import torch
 
-    import cnnkit.engine as engine
+    import cnnkit.training.loaders as loaders_module
+    from cnnkit.training import train
 
     save_dir = tmp_path_factory.mktemp("trained")
     cfg = tiny_train_config(image_folder, save_dir, category_names=str(category_names))
     preprocess: dict[bool, Any] = {}
     pipelines: dict[bool, Callable] = {}
-    real = engine.build_transforms
+    real = loaders_module.build_transforms
 
     def spy(pre, train):
         pipeline = real(pre, train)
@@ -110,8 +112,8 @@ def trained(tmp_path_factory, image_folder, category_names) -> TrainedRun:
     # itself (test_engine's same-seed test checks that it does).
     torch.manual_seed(INITIAL_SEED)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "build_transforms", spy)
-        result = engine.train(cfg)
+        mp.setattr(loaders_module, "build_transforms", spy)
+        result = train(cfg)
     return TrainedRun(cfg, result, save_dir, preprocess, pipelines)
 
 
@@ -123,8 +125,8 @@ def interrupted(trained, tmp_path_factory):
 
     import torch
 
-    from cnnkit.engine import train
     from cnnkit.errors import Interrupted
+    from cnnkit.training import train
 
     save_dir = tmp_path_factory.mktemp("interrupted")
     cfg = dataclasses.replace(trained.cfg, save_dir=str(save_dir))

@@ -35,11 +35,11 @@ def image_bytes(seed: int = 0, fmt: str = "PNG", size: tuple[int, int] = (80, 64
 
 def make_checkpoint(path: Path, reference: bool = True, temperature: float | None = None) -> Path:
     """A resnet18 (weights none, seeded) for 3 classes on 64 px crops, with names and drift stats."""
-    from cnnkit.checkpoint import Checkpoint, library_versions
     from cnnkit.config import PreprocessConfig
+    from cnnkit.data.transforms import build_transforms
     from cnnkit.drift import reference_statistics
-    from cnnkit.models import build_model
-    from cnnkit.transforms import build_transforms
+    from cnnkit.models.build import build_model
+    from cnnkit.models.checkpoint import Checkpoint, library_versions
 
     torch.manual_seed(0)
     model, head = build_model("resnet18", len(CLASSES), "none", hidden_units=16)

@@ -171,10 +171,10 @@ def write_corrupt_files(folder: Path) -> dict[str, Path]:
 def interrupt_training_call(monkeypatch, n: int) -> list:
     """Make the n-th training pass (a run_epoch call with an optimizer) raise KeyboardInterrupt,
     as Ctrl-C would; returns the list of calls seen."""
-    import cnnkit.engine as engine
+    import cnnkit.training.loop as loop
 
     calls: list = []
-    real = engine.run_epoch
+    real = loop.run_epoch
 
     def run(model, loader, device, optimizer=None, *args, **kwargs):
         if optimizer is not None:
@@ -183,7 +183,7 @@ def interrupt_training_call(monkeypatch, n: int) -> list:
                 raise KeyboardInterrupt
         return real(model, loader, device, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "run_epoch", run)
+    monkeypatch.setattr(loop, "run_epoch", run)
     return calls
 
 

@@ -5,13 +5,13 @@ urllib cannot send: lying Content-Length, chunked bodies, stalls, garbage.
 
 from __future__ import annotations
 
-from http.client import HTTPResponse
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from http.client import HTTPResponse
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,4 @@
-"""cnnkit.checkpoint: the self-describing file, saved atomically, loaded safely."""
+"""cnnkit.models.checkpoint: the self-describing file, saved atomically, loaded safely."""
 
 from __future__ import annotations
 
@@ -9,13 +9,19 @@ import zipfile
 import pytest
 import torch
 
-import cnnkit.checkpoint as checkpoint_module
-from cnnkit.checkpoint import (
-    FORMAT, FORMAT_VERSION, Checkpoint, atomic_save, describe, format_description, load_checkpoint,
-)
+import cnnkit.models.checkpoint as checkpoint_module
 from cnnkit.config import PreprocessConfig
 from cnnkit.errors import CheckpointError, OutputError
-from cnnkit.models import build_model
+from cnnkit.models.build import build_model
+from cnnkit.models.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    Checkpoint,
+    atomic_save,
+    describe,
+    format_description,
+    load_checkpoint,
+)
 
 from helpers import CLASSES, NAMES, MaliciousPickle
 

@@ -298,21 +298,21 @@ def test_default_weights_offline_exit_5_with_one_line_naming_cache_and_alternati
 
 
 def test_internal_error_is_one_line_with_the_way_to_the_traceback(trained, monkeypatch):
-    import cnnkit.checkpoint
+    import cnnkit.models.checkpoint
 
     def broken(path):
         raise RuntimeError("something unexpected")
 
-    monkeypatch.setattr(cnnkit.checkpoint, "describe", broken)
+    monkeypatch.setattr(cnnkit.models.checkpoint, "describe", broken)
     result = invoke(["info", trained.best])
     assert result.exit_code == 1
     assert_one_line_error(result.stderr, "internal error: RuntimeError: something unexpected", "CNNKIT_DEBUG=1")
 
 
 def test_debug_env_shows_the_traceback(trained, monkeypatch):
-    import cnnkit.checkpoint
+    import cnnkit.models.checkpoint
 
-    monkeypatch.setattr(cnnkit.checkpoint, "describe", lambda path: 1 / 0)
+    monkeypatch.setattr(cnnkit.models.checkpoint, "describe", lambda path: 1 / 0)
     monkeypatch.setenv("CNNKIT_DEBUG", "1")
     result = invoke(["info", trained.best])
     assert result.exit_code != 0
@@ -327,12 +327,12 @@ def test_ctrl_c_in_training_exits_130_saying_nothing_was_saved(image_folder, tmp
 
 
 def test_ctrl_c_elsewhere_exits_130(trained, monkeypatch):
-    import cnnkit.checkpoint
+    import cnnkit.models.checkpoint
 
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cnnkit.checkpoint, "describe", interrupted)
+    monkeypatch.setattr(cnnkit.models.checkpoint, "describe", interrupted)
     result = invoke(["info", trained.best])
     assert result.exit_code == 130
     assert_one_line_error(result.stderr, "interrupted")

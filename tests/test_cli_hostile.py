@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 from cnnkit.cli import main
 
-from deploy_helpers import CLASSES as CKPT_CLASSES, image_bytes, make_checkpoint
+from deploy_helpers import CLASSES as CKPT_CLASSES
+from deploy_helpers import image_bytes, make_checkpoint
 from helpers import (
     CLASSES,
     TINY_TRAIN_ARGS,
@@ -193,7 +194,7 @@ def test_train_on_a_folder_with_symlink_loops_trains(tmp_path, cli_env):
     stderr = text(result.stderr)
     assert result.returncode == 0, stderr
     assert "Traceback" not in stderr
-    from cnnkit.checkpoint import load_checkpoint
+    from cnnkit.models.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "run" / "best.pt").classes == list(CLASSES)  # no loop became a class
 

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from torchvision.models import get_model
 
-import cnnkit.engine
+import cnnkit.training
 from cnnkit.cli import main
 
 
@@ -41,7 +41,7 @@ def captured(monkeypatch):
         seen.append(cfg)
         raise KeyboardInterrupt  # stop before anything runs; exit 130
 
-    monkeypatch.setattr(cnnkit.engine, "train", fake_train)
+    monkeypatch.setattr(cnnkit.training, "train", fake_train)
     return seen
 
 

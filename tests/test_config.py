@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from cnnkit.config import IMAGENET_MEAN, IMAGENET_STD, PredictConfig, PreprocessConfig, TrainConfig
+from cnnkit.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PredictConfig,
+    PreprocessConfig,
+    TrainConfig,
+)
 from cnnkit.errors import (
     CheckpointError,
     CnnkitError,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cnnkit.config import PreprocessConfig
-from cnnkit.data import (
+from cnnkit.data.folders import (
     ImageDataset,
     collate,
     expand_inputs,
@@ -23,8 +23,8 @@ from cnnkit.data import (
     scan_image_folder,
     stratified_split,
 )
+from cnnkit.data.transforms import build_transforms
 from cnnkit.errors import DataError
-from cnnkit.transforms import build_transforms
 
 from helpers import CLASSES, N_FLAT, N_TRAIN, N_VALID, colour_image, write_class_images
 

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from cnnkit.checkpoint import load_checkpoint
-from cnnkit.data import load_splits
-from cnnkit.distributed import EpochSampler, epoch_seed
+from cnnkit.data.folders import load_splits
+from cnnkit.data.samplers import EpochSampler, epoch_seed
+from cnnkit.data.transforms import build_transforms, load_image
 from cnnkit.errors import ConfigError
-from cnnkit.transforms import build_transforms, load_image
+from cnnkit.models.checkpoint import load_checkpoint
 
 from helpers import TINY_TRAIN_ARGS, read_metrics, tiny_train_config, write_class_images
-
 
 # --- sampling ---------------------------------------------------------------------------------
 
@@ -62,7 +61,7 @@ def test_weighted_sampler_draws_by_weight():
 
 
 def test_nproc_under_torchrun_is_a_config_error(image_folder, tmp_path, monkeypatch):
-    from cnnkit.engine import train
+    from cnnkit.training import train
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -125,7 +124,7 @@ def test_torchrun_two_processes_gloo(odd_folder, tmp_path):
 
 
 def test_nproc_launches_two_processes_with_the_feature_cache(odd_folder, tmp_path, monkeypatch):
-    from cnnkit.engine import train
+    from cnnkit.training import train
 
     for key, value in _env(tmp_path).items():
         monkeypatch.setenv(key, value)

@@ -9,8 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from cnnkit.checkpoint import load_checkpoint
-from cnnkit.drift import CONFIDENCE_EDGES, DriftMonitor, check_reference, psi, reference_statistics
+from cnnkit.drift import (
+    CONFIDENCE_EDGES,
+    DriftMonitor,
+    check_reference,
+    psi,
+    reference_statistics,
+)
+from cnnkit.models.checkpoint import load_checkpoint
 
 
 class FixedModel(nn.Module):

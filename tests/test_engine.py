@@ -1,4 +1,4 @@
-"""cnnkit.engine: the training loop, metrics, checkpoints, resume and the output folder."""
+"""cnnkit.training: the training loop, metrics, checkpoints, resume and the output folder."""
 
 from __future__ import annotations
 
@@ -14,13 +14,29 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-import cnnkit.engine as engine
-from cnnkit.checkpoint import load_checkpoint
+import cnnkit.training.prepare as training_prepare
 from cnnkit.config import TrainConfig
-from cnnkit.engine import _load_history, default_workers, resolve_device, run_epoch, train
-from cnnkit.errors import CheckpointError, ConfigError, DataError, Interrupted, OutputError
+from cnnkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Interrupted,
+    OutputError,
+)
+from cnnkit.models.checkpoint import load_checkpoint
+from cnnkit.runtime import default_workers, resolve_device
+from cnnkit.training import train
+from cnnkit.training.rundir import load_history
+from cnnkit.training.steps import run_epoch
 
-from helpers import NAMES, interrupt_training_call, read_metrics, strip_timing, tiny_train_config, write_class_images
+from helpers import (
+    NAMES,
+    interrupt_training_call,
+    read_metrics,
+    strip_timing,
+    tiny_train_config,
+    write_class_images,
+)
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "seconds", "images_per_s"}
 
@@ -35,14 +51,14 @@ def _assert_same_state(a: dict, b: dict) -> None:
 def build_spy(monkeypatch):
     """Records the model train() builds, with a copy of its initial state."""
     built = []
-    real = engine.build_model
+    real = training_prepare.build_model
 
     def spy(*args, **kwargs):
         model, head = real(*args, **kwargs)
         built.append((model, {k: v.detach().clone() for k, v in model.state_dict().items()}))
         return model, head
 
-    monkeypatch.setattr(engine, "build_model", spy)
+    monkeypatch.setattr(training_prepare, "build_model", spy)
     return built
 
 
@@ -377,6 +393,6 @@ def test_load_history_drops_rows_past_the_checkpoint_and_cut_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"epoch": e, "val_acc": e / 10} for e in (1, 2, 3)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 4, "val_a')
-    assert _load_history(str(path), upto=2) == rows[:2]
-    assert _load_history(str(path), upto=9) == rows
-    assert _load_history(str(tmp_path / "missing.jsonl"), upto=3) == []
+    assert load_history(str(path), upto=2) == rows[:2]
+    assert load_history(str(path), upto=9) == rows
+    assert load_history(str(tmp_path / "missing.jsonl"), upto=3) == []

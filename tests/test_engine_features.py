@@ -17,21 +17,32 @@ from PIL import Image
 from torch import nn
 from torchvision.models import get_model
 
-import cnnkit.engine as engine
-from cnnkit import features
-from cnnkit.checkpoint import load_checkpoint
+import cnnkit.training.loop as loop
 from cnnkit.config import TrainConfig
-from cnnkit.data import load_splits
+from cnnkit.data import features
+from cnnkit.data.folders import load_splits
+from cnnkit.data.transforms import build_transforms, load_image
 from cnnkit.distributed import DistContext
-from cnnkit.engine import (
-    EpochStats, balanced_class_weights, lr_factor, make_optimizer, optimise, train, training_objective,
+from cnnkit.errors import ConfigError, Interrupted
+from cnnkit.models.build import build_model, head_module
+from cnnkit.models.checkpoint import load_checkpoint
+from cnnkit.training import train
+from cnnkit.training.recipe import balanced_class_weights
+from cnnkit.training.schedule import lr_factor
+from cnnkit.training.steps import (
+    EpochStats,
+    make_optimizer,
+    optimise,
+    training_objective,
 )
-from cnnkit.errors import ConfigError
-from cnnkit.models import build_model, head_module
-from cnnkit.transforms import build_transforms, load_image
 
-from helpers import interrupt_training_call, read_metrics, strip_timing, tiny_train_config, write_class_images
-
+from helpers import (
+    interrupt_training_call,
+    read_metrics,
+    strip_timing,
+    tiny_train_config,
+    write_class_images,
+)
 
 ARCH = "mobilenet_v3_small"  # small checkpoints: these tests save many
 
@@ -218,7 +229,7 @@ def test_resume_across_the_fine_tune_switch_equals_the_uninterrupted_run(
     recipe = dict(epochs=2, fine_tune=2, scheduler="none")
     with monkeypatch.context() as patch:
         interrupt_training_call(patch, 3)  # Ctrl-C in the first fine-tuning epoch
-        with pytest.raises(engine.Interrupted):
+        with pytest.raises(Interrupted):
             train(_frozen_config(image_folder, save_dir, pretrained_file, **recipe))
     state = load_checkpoint(save_dir / "last.pt").training_state
     assert state["epoch"] == 2 and state["fine_tune_from"] == 2 and state["optimizer_phase"] == "head"
@@ -249,8 +260,8 @@ def test_lr_factor_warms_up_then_follows_the_schedule():
 
 def test_learning_rate_changes_every_step(image_folder, pretrained_file, tmp_path, monkeypatch):
     seen = []
-    real = engine.set_lr
-    monkeypatch.setattr(engine, "set_lr", lambda opt, lr: (seen.append(lr), real(opt, lr)))
+    real = loop.set_lr
+    monkeypatch.setattr(loop, "set_lr", lambda opt, lr: (seen.append(lr), real(opt, lr)))
     train(_frozen_config(image_folder, tmp_path, pretrained_file, epochs=2, warmup=1.0))  # 3 steps per epoch
     assert seen[:3] == pytest.approx([1e-5, 1e-3 * (0.01 + 0.99 / 3), 1e-3 * (0.01 + 0.99 * 2 / 3)])
     assert seen[3] == pytest.approx(1e-3) and seen[3] > seen[4] > seen[5]
@@ -258,7 +269,7 @@ def test_learning_rate_changes_every_step(image_folder, pretrained_file, tmp_pat
 
 def _scripted_validation(monkeypatch, losses):
     """Validation passes report ``losses`` in turn (training passes run for real)."""
-    real = engine.run_epoch
+    real = loop.run_epoch
     scripted = iter(losses)
 
     def run(model, loader, device, optimizer=None, *args, **kwargs):
@@ -267,7 +278,7 @@ def _scripted_validation(monkeypatch, losses):
             return EpochStats(next(scripted), stats.acc, stats.top5, stats.images, stats.seconds)
         return stats
 
-    monkeypatch.setattr(engine, "run_epoch", run)
+    monkeypatch.setattr(loop, "run_epoch", run)
 
 
 def test_early_stop_ends_the_run_after_patience_epochs(image_folder, pretrained_file, tmp_path, monkeypatch, caplog):
@@ -313,13 +324,13 @@ def test_imbalance_is_warned_about_and_class_weights_reach_the_loss(
 ):
     caplog.set_level(logging.INFO, logger="cnnkit")
     used = []
-    real = engine.run_epoch
+    real = loop.run_epoch
 
     def spy(*args, **kwargs):
         used.append(kwargs.get("class_weights"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "run_epoch", spy)
+    monkeypatch.setattr(loop, "run_epoch", spy)
     train(_frozen_config(imbalanced_folder, tmp_path / "plain", pretrained_file, epochs=1))
     assert "class imbalance: blue has 10 training images, green only 2 (5x)" in caplog.text
     assert "--class-weights balanced" in caplog.text and used[0] is None
@@ -333,7 +344,7 @@ def test_imbalance_is_warned_about_and_class_weights_reach_the_loss(
 
 def test_balanced_sampler_draws_classes_equally_often(imbalanced_folder, pretrained_file, tmp_path, monkeypatch):
     drawn = []
-    real = engine.run_epoch
+    real = loop.run_epoch
 
     def spy(model, loader, device, optimizer=None, *args, **kwargs):
         if optimizer is not None:
@@ -341,7 +352,7 @@ def test_balanced_sampler_draws_classes_equally_often(imbalanced_folder, pretrai
             drawn.extend(sampler)  # the epoch's indices (the sampler is set to the epoch)
         return real(model, loader, device, optimizer, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "run_epoch", spy)
+    monkeypatch.setattr(loop, "run_epoch", spy)
     train(_frozen_config(imbalanced_folder, tmp_path, pretrained_file, epochs=1, sampler="balanced"))
     targets = [t for _, t in load_splits(str(imbalanced_folder)).train]
     assert len(drawn) == len(targets)  # an epoch is still one training set's worth of images
@@ -396,7 +407,7 @@ def test_mlflow_logs_params_metrics_and_the_checkpoint(image_folder, pretrained_
     save_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
         interrupt_training_call(patch, 3)
-        with pytest.raises(engine.Interrupted):
+        with pytest.raises(Interrupted):
             train(_frozen_config(image_folder, save_dir, pretrained_file, epochs=3, mlflow=True))
     result = train(_frozen_config(image_folder, save_dir, pretrained_file, resume=str(save_dir / "last.pt")))
 

@@ -22,6 +22,7 @@ from cnnkit.evaluate import (
     negative_log_likelihood,
     softmax_with_temperature,
 )
+
 from helpers import CLASSES, assert_one_line_error, run_cli
 
 # Seven images, three classes. Worked out by hand:
@@ -170,8 +171,8 @@ def test_test_folder_is_the_default_split(trained, image_folder, tmp_path):
 
 
 def test_calibration_is_stored_in_a_new_file_and_used_by_predict(trained, image_folder, tmp_path):
-    from cnnkit.checkpoint import load_checkpoint
-    from cnnkit.predict import Predictor
+    from cnnkit.inference.predictor import Predictor
+    from cnnkit.models.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "best.pt"
     shutil.copy(trained.best, ckpt)

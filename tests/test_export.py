@@ -16,17 +16,13 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from cnnkit.config import ExportConfig  # noqa: E402
+from cnnkit.data.transforms import load_image  # noqa: E402
 from cnnkit.errors import CheckpointError, CnnkitError, ConfigError, OutputError  # noqa: E402
-from cnnkit.export import (  # noqa: E402
-    PARITY_ATOL,
-    OnnxBackend,
-    ParityReport,
-    default_output,
-    export,
-    read_metadata,
-)
-from cnnkit.predict import Predictor  # noqa: E402
-from cnnkit.transforms import load_image  # noqa: E402
+from cnnkit.export import PARITY_ATOL, ParityReport, default_output, export  # noqa: E402
+from cnnkit.inference.onnx import OnnxBackend  # noqa: E402
+from cnnkit.inference.predictor import Predictor  # noqa: E402
+from cnnkit.models.exported import read_metadata  # noqa: E402
+
 from deploy_helpers import CLASSES, NAMES, image_bytes, make_checkpoint, random_image  # noqa: E402
 from helpers import assert_one_line_error, run_cli  # noqa: E402
 

@@ -41,11 +41,11 @@ from typing import Any, Callable
 import pytest
 import torch
 
-import cnnkit.predict as predict_module
-from cnnkit.checkpoint import load_checkpoint
+import cnnkit.inference.predict as predict_module
 from cnnkit.config import PredictConfig
 from cnnkit.errors import OutputError, WorkerError
-from cnnkit.predict import predict_to_output
+from cnnkit.inference.predict import predict_to_output
+from cnnkit.models.checkpoint import load_checkpoint
 
 from helpers import (
     TINY_TRAIN_ARGS,
@@ -71,8 +71,8 @@ import hashlib, io, os, signal, sys, time
 
 fault, arg, marker, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 import torch
-import cnnkit.data
-import cnnkit.engine
+import cnnkit.data.folders
+import cnnkit.training.callbacks.checkpoints
 
 
 def stall(note=""):  # tell the test where we are, then wait for its SIGKILL
@@ -102,12 +102,12 @@ if fault == "stall-save":  # the ARG-th checkpoint write stops half-way, its byt
 
     torch.save = save
 elif fault == "stall-finish":  # stop while the finished run adds its drift statistics to best.pt
-    cnnkit.engine.reference_statistics = lambda *a, **k: stall()
+    cnnkit.training.callbacks.checkpoints.reference_statistics = lambda *a, **k: stall()
 elif fault in ("worker-kill", "worker-exit"):  # the worker decoding image ARG dies
     from torch.utils.data import get_worker_info
 
     victim, _, armed = arg.partition("|")  # armed: only once this file exists
-    real_load = cnnkit.data.load_image
+    real_load = cnnkit.data.folders.load_image
 
     def load_image(path, *a, **k):
         if (get_worker_info() is not None and os.path.realpath(path) == os.path.realpath(victim)
@@ -119,7 +119,7 @@ elif fault in ("worker-kill", "worker-exit"):  # the worker decoding image ARG d
             os._exit(3)
         return real_load(path, *a, **k)
 
-    cnnkit.data.load_image = load_image
+    cnnkit.data.folders.load_image = load_image
 else:
     sys.exit(f"unknown fault {fault}")
 
@@ -633,7 +633,7 @@ def test_killed_worker_in_training_is_reported_and_the_run_resumes(image_folder,
 
 
 def test_a_new_run_removes_what_killed_writes_left_but_not_a_live_writers_file(tmp_path):
-    from cnnkit.engine import _remove_stray_temporaries
+    from cnnkit.training.rundir import remove_stray_temporaries
 
     cache = tmp_path / "feature_cache"
     cache.mkdir()
@@ -645,7 +645,7 @@ def test_a_new_run_removes_what_killed_writes_left_but_not_a_live_writers_file(t
             f"feature_cache/valid-cd34.npy.{os.getpid()}.tmp"]  # the last one: a live writer's
     for name in strays + kept:
         (tmp_path / name).write_bytes(b"PK\x03\x04 partial")
-    _remove_stray_temporaries(str(tmp_path))
+    remove_stray_temporaries(str(tmp_path))
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
 
 
@@ -675,7 +675,7 @@ def test_disk_full_while_drawing_curves_is_an_output_error_after_the_checkpoints
     """curves.png is written after the epoch's checkpoints; a full disk there was an internal error."""
     from matplotlib.figure import Figure
 
-    from cnnkit.engine import train
+    from cnnkit.training import train
 
     def full_disk(self, path, *args, **kwargs):
         with open(path, "wb") as handle:

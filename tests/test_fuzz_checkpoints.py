@@ -1,5 +1,5 @@
 """Fuzzing checkpoint loading: truncated, bit-flipped, wrongly typed, oversized, malicious and
-not-a-checkpoint files, through cnnkit.checkpoint and through `cnnkit predict` / `cnnkit info`.
+not-a-checkpoint files, through cnnkit.models.checkpoint and through `cnnkit predict` / `cnnkit info`.
 
 The property: a valid checkpoint, or a one-line CheckpointError (exit code 4 on the command
 line); never another exception, never code run from the file, never a hang or a huge allocation.
@@ -18,13 +18,19 @@ from click.testing import CliRunner
 from PIL import Image
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import event, given, settings, strategies as st  # noqa: E402
+from hypothesis import event, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
-from cnnkit.checkpoint import FORMAT_VERSION, Checkpoint, describe, load_checkpoint  # noqa: E402
 from cnnkit.cli import main  # noqa: E402
 from cnnkit.config import PreprocessConfig  # noqa: E402
 from cnnkit.errors import CheckpointError  # noqa: E402
-from cnnkit.models import build_model  # noqa: E402
+from cnnkit.models.build import build_model  # noqa: E402
+from cnnkit.models.checkpoint import (  # noqa: E402
+    FORMAT_VERSION,
+    Checkpoint,
+    describe,
+    load_checkpoint,
+)
 
 from deploy_helpers import CLASSES, NAMES  # noqa: E402
 from fuzz_helpers import fuzz_budget, hard_timeout, memory_cap  # noqa: E402

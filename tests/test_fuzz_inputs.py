@@ -22,12 +22,13 @@ import torch
 from PIL import Image, ImageFile
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import event, example, given, settings, strategies as st  # noqa: E402
+from hypothesis import event, example, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 from cnnkit.config import PreprocessConfig  # noqa: E402
-from cnnkit.data import ImageDataset, collate  # noqa: E402
+from cnnkit.data.folders import ImageDataset, collate  # noqa: E402
+from cnnkit.data.transforms import IMAGE_EXTENSIONS, build_transforms, load_image  # noqa: E402
 from cnnkit.errors import ImageError  # noqa: E402
-from cnnkit.transforms import IMAGE_EXTENSIONS, build_transforms, load_image  # noqa: E402
 
 from fuzz_helpers import (  # noqa: E402
     HUGE_HEADERS,

@@ -11,7 +11,6 @@ for /predict; ``--hypothesis-profile=long``: 2000).
 from __future__ import annotations
 
 import base64
-from http.client import HTTPException
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from http.client import HTTPException
 from pathlib import Path
 
 import pytest

@@ -24,7 +24,14 @@ if not os.path.isdir("/proc/self"):
     pytest.skip("needs /proc (Linux)", allow_module_level=True)
 
 from deploy_helpers import http, image_bytes, make_checkpoint, multipart, post_images  # noqa: E402
-from http_server import assert_json_error, connect, predict_head, read_answer, request_head, start_server  # noqa: E402
+from http_server import (  # noqa: E402
+    assert_json_error,
+    connect,
+    predict_head,
+    read_answer,
+    request_head,
+    start_server,
+)
 
 TIMEOUT = 2.0  # --timeout: the read deadline of one request
 WORKERS, THREADS = 2, 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torchvision.models import get_model
 
 from cnnkit.config import LRFindConfig
 from cnnkit.errors import ConfigError, OutputError
-from cnnkit.lr_find import format_result, lr_find, lr_schedule, smooth, suggest
+from cnnkit.training.lr_find import format_result, lr_find, lr_schedule, smooth, suggest
 
 from helpers import tiny_train_config
 

@@ -10,7 +10,15 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from cnnkit.errors import ConfigError, WeightsError
-from cnnkit.models import HeadSpec, build_head, build_model, head_module, hub_cache_path, list_archs, model_from_spec
+from cnnkit.models.build import (
+    HeadSpec,
+    build_head,
+    build_model,
+    head_module,
+    hub_cache_path,
+    list_archs,
+    model_from_spec,
+)
 
 # One architecture per head type / family.
 ARCHS = ["resnet18", "densenet121", "vgg11", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf"]

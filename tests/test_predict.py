@@ -11,12 +11,14 @@ import shutil
 import pytest
 import torch
 
-from cnnkit.checkpoint import load_checkpoint
 from cnnkit.config import PredictConfig
-from cnnkit.data import expand_inputs
+from cnnkit.data.folders import expand_inputs
+from cnnkit.data.transforms import build_transforms, load_image, resolve_preprocess
 from cnnkit.errors import ConfigError, DataError
-from cnnkit.predict import Guess, Prediction, Predictor, predict, write_predictions
-from cnnkit.transforms import build_transforms, load_image, resolve_preprocess
+from cnnkit.inference.outputs import write_predictions
+from cnnkit.inference.predict import predict
+from cnnkit.inference.predictor import Guess, Prediction, Predictor
+from cnnkit.models.checkpoint import load_checkpoint
 
 from helpers import CLASSES, NAMES, read_metrics, write_corrupt_files
 

@@ -8,10 +8,12 @@ import json
 
 import pytest
 
-from cnnkit.checkpoint import load_checkpoint
 from cnnkit.config import PredictConfig
 from cnnkit.errors import ConfigError, OutputError
-from cnnkit.predict import predict, predict_to_output, select_shard
+from cnnkit.inference.outputs import select_shard
+from cnnkit.inference.predict import predict, predict_to_output
+from cnnkit.models.checkpoint import load_checkpoint
+
 from helpers import assert_one_line_error, run_cli
 
 
@@ -97,7 +99,7 @@ def test_abstain_labels_low_confidence_images_unknown(trained, image_folder, tmp
     assert rows and all(r.abstained for r in rows if r.top[0].probability < 0.999999)
     out = io.StringIO()
     stream = predict(_cfg(trained, [image_folder / "valid"], checkpoint=str(path), abstain=True))
-    from cnnkit.predict import write_predictions
+    from cnnkit.inference.outputs import write_predictions
 
     write_predictions(stream, "jsonl", out, stream.top_k, stream.abstain)
     first = json.loads(out.getvalue().splitlines()[0])

@@ -28,7 +28,14 @@ pytest.importorskip("prometheus_client")
 from cnnkit import gunicorn_conf  # noqa: E402
 from cnnkit.config import ServeConfig  # noqa: E402
 from cnnkit.errors import ConfigError  # noqa: E402
-from cnnkit.serve import HttpError, MicroBatcher, gunicorn_options, torch_threads, worker_count  # noqa: E402
+from cnnkit.serve import (  # noqa: E402
+    HttpError,
+    MicroBatcher,
+    gunicorn_options,
+    torch_threads,
+    worker_count,
+)
+
 from deploy_helpers import (  # noqa: E402
     CLASSES,
     NAMES,
@@ -89,8 +96,8 @@ def test_health_ready_and_metadata(server):
 
 
 def test_predict_multipart_matches_the_library(server):
-    from cnnkit.predict import Predictor
-    from cnnkit.transforms import load_image
+    from cnnkit.data.transforms import load_image
+    from cnnkit.inference.predictor import Predictor
 
     data = image_bytes(seed=3)
     answer = post_images(server.base, [data], query="?top_k=2")
@@ -492,16 +499,16 @@ def test_gunicorn_options_follow_the_config():
 
 
 def test_torch_threads_share_the_cores_among_workers(monkeypatch):
-    import cnnkit.serve as serve
+    import cnnkit.serve.sizing as sizing
 
-    monkeypatch.setattr(serve, "available_cores", lambda: 2)
+    monkeypatch.setattr(sizing, "available_cores", lambda: 2)
     assert torch_threads(ServeConfig("m.pt", workers=1)) == 2
     assert torch_threads(ServeConfig("m.pt", workers=2)) == 1
     assert torch_threads(ServeConfig("m.pt", workers=4)) == 1  # never 0
     assert torch_threads(ServeConfig("m.pt", workers=2, torch_threads=3)) == 3
     assert worker_count(ServeConfig("m.pt")) == 2  # default: a 1-thread worker per core
     assert torch_threads(ServeConfig("m.pt")) == 1
-    monkeypatch.setattr(serve, "available_cores", lambda: 64)
+    monkeypatch.setattr(sizing, "available_cores", lambda: 64)
     assert worker_count(ServeConfig("m.pt")) == 4  # up to 4 copies of the model
     assert torch_threads(ServeConfig("m.pt")) == 16
 
@@ -524,17 +531,17 @@ def test_a_busy_worker_leaves_new_connections_to_an_idler_one(monkeypatch):
 
     from gunicorn.workers.gthread import ThreadWorker
 
-    from cnnkit import serve
+    from cnnkit.serve import worker as serve_worker
 
-    worker_class = serve._bounded_worker_class()
+    worker_class = serve_worker.bounded_worker_class()
     worker = worker_class.__new__(worker_class)  # only what accept() reads
     slept: list[float] = []
     accepted: list[str] = []
-    monkeypatch.setattr(serve.time, "sleep", slept.append)
+    monkeypatch.setattr(serve_worker.time, "sleep", slept.append)
     monkeypatch.setattr(ThreadWorker, "accept", lambda self, listener: accepted.append(listener))
     for workers, connections in [(2, 0), (2, 3), (2, 50), (1, 3)]:
         worker.cfg, worker.nr_conns = SimpleNamespace(workers=workers), connections
         worker.accept(f"{workers}/{connections}")
-    assert slept == [pytest.approx(3 * serve.ACCEPT_DELAY_PER_CONNECTION),
-                     pytest.approx(10 * serve.ACCEPT_DELAY_PER_CONNECTION)]
+    assert slept == [pytest.approx(3 * serve_worker.ACCEPT_DELAY_PER_CONNECTION),
+                     pytest.approx(10 * serve_worker.ACCEPT_DELAY_PER_CONNECTION)]
     assert accepted == ["2/0", "2/3", "2/50", "1/3"]  # every connection is still accepted

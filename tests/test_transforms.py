@@ -8,8 +8,13 @@ import torch
 from PIL import Image
 
 from cnnkit.config import PreprocessConfig
+from cnnkit.data.transforms import (
+    build_transforms,
+    is_image_file,
+    load_image,
+    resolve_preprocess,
+)
 from cnnkit.errors import ImageError
-from cnnkit.transforms import build_transforms, is_image_file, load_image, resolve_preprocess
 
 from helpers import colour_image, write_corrupt_files
 

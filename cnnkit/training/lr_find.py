@@ -11,15 +11,23 @@ frozen backbone, the feature cache that ``cnnkit train`` with the same ``--save-
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
-from .config import LRFindConfig
-from .errors import ConfigError, OutputError
+from .. import distributed
+from ..config import LRFindConfig
+from ..data.samplers import RepeatedSampler
+from ..errors import ConfigError, OutputError
+from ..runtime import resolve_device
+from .callbacks.base import Callback, CancelFit
+from .loop import Trainer
+from .prepare import prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -71,80 +79,76 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float | None:
     return float(lrs[start + steepest])
 
 
+class LRFinder(Callback):
+    """Sets each step's learning rate from ``lrs`` and records the loss; ends the run when the
+    range is done or the smoothed loss diverges (fastai's LRFinder callback)."""
+
+    def __init__(self, lrs: list[float], progress: bool):
+        self.lrs = lrs
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.diverged = False
+        self._bar = tqdm(total=len(lrs), desc="lr-find", leave=False, disable=not progress, unit="step",
+                         dynamic_ncols=True)
+
+    def before_step(self, trainer: Trainer) -> None:
+        trainer.lr = self.lrs[len(self.losses)]
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.losses.append(float(trainer.objective.item()))
+        self.smoothed = smooth(self.losses)
+        self._bar.update(1)
+        self._bar.set_postfix(lr=f"{self.lrs[len(self.losses) - 1]:.1e}", loss=f"{self.smoothed[-1]:.3f}")
+        steps = len(self.lrs)
+        if not math.isfinite(self.smoothed[-1]) or (
+            len(self.losses) > steps // 10 and self.smoothed[-1] > DIVERGENCE * min(self.smoothed)
+        ):
+            self.diverged = True
+        if self.diverged or len(self.losses) >= steps:
+            raise CancelFit
+
+    def after_fit(self, trainer: Trainer) -> None:
+        self._bar.close()
+
+    on_interrupt = after_fit
+
+    def on_error(self, trainer: Trainer, error: BaseException) -> None:
+        self._bar.close()
+
+
 def lr_find(cfg: LRFindConfig) -> LRFindResult:
-    """Run the range test with the model, data and recipe of ``cfg.train`` (see module doc)."""
-    import torch
-
-    from . import distributed
-    from .distributed import epoch_seed
-    from .engine import _Training, forward, optimise, resolve_device, seed_everything, set_lr, training_objective
-
+    """Run the range test with the model, data and recipe of ``cfg.train`` (see module doc): the
+    Trainer of one long first epoch (the training set repeated until ``cfg.steps`` batches, so
+    one iterator, and its workers, serve every step), driven by an :class:`LRFinder`."""
     tcfg = cfg.train
     if distributed.under_torchrun():
         raise ConfigError("lr-find runs in one process: start it without torchrun")
     plot_path = os.path.join(tcfg.save_dir, PLOT) if cfg.plot else None
     if plot_path and os.path.exists(plot_path) and not cfg.force:
         raise OutputError(f"{plot_path} exists; use --force to overwrite it, or another --save-dir")
-    run = _Training(tcfg, distributed.init(resolve_device(tcfg.device)), outputs=False)
-    run._enter_phase(run._phase(1))
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
-    lrs = lr_schedule(cfg.start_lr, cfg.end_lr, cfg.steps)
+    one_phase = dataclasses.replace(tcfg, epochs=1, fine_tune=0, early_stop=None, mlflow=False, resume=None)
+    run = prepare_run(one_phase, distributed.init(resolve_device(tcfg.device)), outputs=False)
+    per_epoch = math.ceil(len(run.splits.train) / tcfg.batch_size)
+    run.loaders.train_sampler = RepeatedSampler(run.loaders.train_sampler, math.ceil(cfg.steps / per_epoch))
     log.info(
         "learning-rate range test: %d steps from %.1e to %.1e, %s", cfg.steps, cfg.start_lr, cfg.end_lr,
-        "training the head on cached features" if run.net is run.head else
-        "training the head (frozen backbone)" if run.freeze else "training the whole network",
+        "training the head on cached features" if run.recipe.caches_features else
+        "training the head (frozen backbone)" if run.recipe.freeze else "training the whole network",
     )
-    losses: list[float] = []
-    smoothed: list[float] = []
-    diverged = False
-    epoch = 0
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, desc="lr-find", leave=False, disable=not tcfg.progress, unit="step", dynamic_ncols=True)
-    while len(losses) < cfg.steps and not diverged:
-        epoch += 1
-        seed_everything(epoch_seed(tcfg.seed, epoch))
-        run.generator.manual_seed(epoch_seed(tcfg.seed, epoch))
-        run.train_sampler.set_epoch(epoch)
-        run._set_modes()
-        for inputs, targets, errors in run.train_loader:
-            bad = [e for e in errors if e]
-            if bad:
-                from .errors import DataError
-
-                raise DataError(f"cannot read image {bad[0][0]}: {bad[0][1]}; remove or fix the file")
-            inputs, targets = inputs.to(run.device), targets.to(run.device)
-            if run.channels_last and inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            set_lr(run.optimizer, lrs[len(losses)])
-            log_probs = forward(run.train_net, inputs, run.autocast_dtype)
-            nll = torch.nn.functional.nll_loss(log_probs, targets, reduction="none")
-            objective = training_objective(nll, targets, run.class_weights)
-            optimise(objective, run.optimizer, params, tcfg.clip_grad, run.scaler)
-            losses.append(float(objective.item()))
-            smoothed = smooth(losses)
-            bar.update(1)
-            bar.set_postfix(lr=f"{lrs[len(losses) - 1]:.1e}", loss=f"{smoothed[-1]:.3f}")
-            if not math.isfinite(smoothed[-1]) or (
-                len(losses) > cfg.steps // 10 and smoothed[-1] > DIVERGENCE * min(smoothed)
-            ):
-                diverged = True
-                break
-            if len(losses) >= cfg.steps:
-                break
-    bar.close()
-    taken = lrs[: len(losses)]
-    suggestion = suggest(taken, smoothed)
+    finder = LRFinder(lr_schedule(cfg.start_lr, cfg.end_lr, cfg.steps), tcfg.progress)
+    Trainer(run, [finder]).fit()
+    taken = finder.lrs[: len(finder.losses)]
+    suggestion = suggest(taken, finder.smoothed)
     if plot_path:
         try:
-            from .plots import lr_find_png
+            from ..plots import lr_find_png
         except ImportError:
             log.warning("%s is not written: matplotlib is not installed (pip install 'cnnkit[plot]')", PLOT)
             plot_path = None
         else:
             os.makedirs(tcfg.save_dir, exist_ok=True)
-            lr_find_png(taken, losses, smoothed, suggestion, plot_path)
-    return LRFindResult(taken, losses, smoothed, suggestion, diverged, plot_path)
+            lr_find_png(taken, finder.losses, finder.smoothed, suggestion, plot_path)
+    return LRFindResult(taken, finder.losses, finder.smoothed, suggestion, finder.diverged, plot_path)
 
 
 def format_result(result: LRFindResult, rows: int = 12) -> str:

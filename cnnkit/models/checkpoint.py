@@ -23,10 +23,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from . import __version__
-from .config import PreprocessConfig
-from .errors import CheckpointError, ConfigError, OutputError
-from .models import HeadSpec, list_archs, model_from_spec
+from .. import __version__
+from ..config import PreprocessConfig
+from ..errors import CheckpointError, ConfigError, OutputError, first_line
+from .build import HeadSpec, list_archs, model_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Checkpoint:
             with torch.device("meta"):
                 skeleton = model_from_spec(self.arch, self.head)
         except (ConfigError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint describes a model cnnkit cannot build: {_first_line(exc)}") from None
+            raise CheckpointError(f"checkpoint describes a model cnnkit cannot build: {_first_sentence(exc)}") from None
         for key, expected in skeleton.state_dict().items():
             found = self.state_dict.get(key)
             if found is not None and found.shape != expected.shape:
@@ -245,7 +245,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"{path} is not a cnnkit checkpoint, or it is corrupt (unreadable pickle)") from None
     except Exception as exc:  # zip, storage and pickle errors of a truncated or damaged file
         raise CheckpointError(
-            f"{path} is truncated or corrupt ({_first_line(exc)})"
+            f"{path} is truncated or corrupt ({_first_sentence(exc)})"
         ) from None
     return Checkpoint.from_dict(payload, source=path)
 
@@ -260,9 +260,8 @@ def _has_pickle(path: str) -> bool:
         return True
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+def _first_sentence(exc: BaseException) -> str:
+    return first_line(exc).split(". ")[0]
 
 
 def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:

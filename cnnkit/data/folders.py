@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DataError, ImageError
+from ..errors import DataError, ImageError
 from .transforms import is_image_file, load_image
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .errors import ConfigError, OutputError
+from ...errors import ConfigError, OutputError, first_line
+from ..rundir import BEST, CURVES, METRICS
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..loop import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ class MlflowTracker:
         except ConfigError:
             raise
         except Exception as exc:
-            raise OutputError(f"--mlflow: cannot start a run at {uri}: {_first_line(exc)}") from None
+            raise OutputError(f"--mlflow: cannot start a run at {uri}: {first_line(exc)}") from None
         log.info("MLflow: run %s in experiment %r at %s", tracker.run_id, name, uri)
         return tracker
 
@@ -76,7 +81,7 @@ class MlflowTracker:
             action()
         except Exception as exc:
             self._failed = True
-            log.warning("MLflow: %s failed (%s); tracking stops, training goes on", what, _first_line(exc))
+            log.warning("MLflow: %s failed (%s); tracking stops, training goes on", what, first_line(exc))
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:
         """The metrics of one metrics.jsonl row, at step = its epoch."""
@@ -105,6 +110,54 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class MlflowCallback(Callback):
+    """``--mlflow``: the run's params at the start, each epoch's metrics row, best.pt, metrics.jsonl
+    and curves.png as artifacts at the end; a resumed training continues its MLflow run."""
+
+    main_only = True
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.tracker: MlflowTracker | None = None
+
+    def before_fit(self, trainer: Trainer) -> None:
+        run, cfg = trainer.run, trainer.cfg
+        params = {
+            **cfg.to_dict(),
+            "classes": len(run.splits.classes),
+            "train_images": len(run.splits.train),
+            "valid_images": len(run.splits.valid),
+            "frozen_backbone": run.recipe.freeze,
+            "feature_cache": run.recipe.caches_features,
+            "amp": run.recipe.amp,
+            "world_size": run.ctx.world_size,
+        }
+        name = f"{cfg.arch} {os.path.basename(os.path.abspath(cfg.save_dir))}"
+        self.tracker = MlflowTracker.start(params, name, run_id=self.run_id)
+        self.run_id = self.tracker.run_id
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if self.tracker is not None:
+            self.tracker.log_epoch(trainer.row)
+
+    def after_fit(self, trainer: Trainer) -> None:
+        if self.tracker is not None:
+            paths = trainer.run.paths
+            self.tracker.log_artifacts([paths[BEST], paths[METRICS], paths[CURVES]])
+            self.tracker.finish()
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        if self.tracker is not None:
+            self.tracker.finish("KILLED")
+
+    def on_error(self, trainer: Trainer, error: BaseException) -> None:
+        if self.tracker is not None:
+            self.tracker.finish("FAILED")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mlflow_run_id": self.run_id}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.run_id = state.get("mlflow_run_id")

@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from .config import PreprocessConfig
-from .errors import ImageError
+from ..config import PreprocessConfig
+from ..errors import ImageError
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",

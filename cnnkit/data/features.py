@@ -26,11 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .config import PreprocessConfig
-from .data import ImageDataset, Sample, collate
-from .distributed import DistContext, EpochSampler
-from .errors import DataError, OutputError
-from .models import head_module
+from ..config import PreprocessConfig
+from ..distributed import DistContext
+from ..errors import DataError, OutputError
+from ..models.build import head_module
+from .folders import ImageDataset, Sample, collate
+from .samplers import EpochSampler
 from .transforms import build_transforms
 
 log = logging.getLogger(__name__)

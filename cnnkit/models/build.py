@@ -17,14 +17,14 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .config import _Serializable
-from .errors import ConfigError, WeightsError
+from ..config import Serializable
+from ..errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class HeadSpec(_Serializable):
+class HeadSpec(Serializable):
     """The classifier head that replaces a backbone's: stored in checkpoints to rebuild it."""
 
     in_features: int

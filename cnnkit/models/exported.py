@@ -1,0 +1,138 @@
+"""Exported model files (ONNX, TorchScript): the metadata cnnkit writes into them and reads back.
+
+Metadata travels with the file, so an export is as self-describing as a checkpoint: class labels
+and names, preprocessing, arch, training summary, calibration and drift reference statistics, as
+JSON values under ``cnnkit.*`` keys of the ONNX ``metadata_props``, or in the TorchScript extra
+file ``cnnkit.json``. :mod:`cnnkit.export` writes them; inference and serving read them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from typing import Any, Mapping
+
+import torch
+
+from ..config import PreprocessConfig
+from ..errors import CheckpointError, first_line, require_extra
+from .build import HeadSpec
+from .checkpoint import Checkpoint
+
+EXPORT_FORMAT = "cnnkit-export"
+EXPORT_FORMAT_VERSION = 1
+INPUT_NAME, OUTPUT_NAME = "input", "probabilities"
+TORCHSCRIPT_METADATA = "cnnkit.json"  # the TorchScript extra file holding the metadata
+
+
+def is_onnx_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names an exported ONNX model (by its extension)."""
+    return os.fspath(path).lower().endswith(".onnx")
+
+
+def model_version(path: str | os.PathLike[str]) -> str:
+    """A model file's identity: ``sha256:`` and the first 16 hex digits of its SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def export_metadata(ckpt: Checkpoint, source_version: str | None = None) -> dict[str, Any]:
+    """Everything but the weights that a runtime needs to use the exported model."""
+    pre = ckpt.preprocess
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "arch": ckpt.arch,
+        "head": ckpt.head.to_dict(),
+        "classes": list(ckpt.classes),
+        "class_names": {c: ckpt.name_of(c) for c in ckpt.classes},
+        "preprocess": pre.to_dict(),
+        "input": (
+            f"{INPUT_NAME}: float32 [batch, 3, {pre.image_size}, {pre.image_size}], RGB; resize the short side "
+            f"to {pre.resize_size} ({pre.interpolation}), centre-crop {pre.image_size}, scale to [0, 1], "
+            f"subtract mean {list(pre.mean)}, divide by std {list(pre.std)}"
+        ),
+        "output": f"{OUTPUT_NAME}: float32 [batch, {len(ckpt.classes)}], softmax over the classes, in order",
+        "calibration": dict(getattr(ckpt, "calibration", {}) or {}),
+        "summary": dict(ckpt.summary),
+        "versions": dict(ckpt.versions),
+        "reference_stats": getattr(ckpt, "reference_stats", None),
+        "source_model_version": source_version,
+    }
+
+
+def checkpoint_from_metadata(meta: Mapping[str, Any], source: str) -> Checkpoint:
+    """A weightless :class:`Checkpoint` describing an exported model (for Predictor and the server).
+
+    The temperature is already in the exported graph, so it is left out of ``calibration``.
+    """
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{source} is not a model exported by cnnkit export (no cnnkit metadata)")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > EXPORT_FORMAT_VERSION:
+        raise CheckpointError(f"{source} was exported by a newer cnnkit (format {meta.get('format_version')}); upgrade cnnkit")
+    try:
+        ckpt = Checkpoint(
+            arch=meta["arch"],
+            head=HeadSpec.from_dict(meta["head"]),
+            state_dict={},
+            classes=list(meta["classes"]),
+            preprocess=PreprocessConfig.from_dict(meta["preprocess"]),
+            class_names=dict(meta.get("class_names") or {}),
+            summary=dict(meta.get("summary") or {}),
+            versions=dict(meta.get("versions") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source} has incomplete cnnkit metadata ({exc})") from None
+    if hasattr(ckpt, "calibration"):
+        ckpt.calibration = {k: v for k, v in (meta.get("calibration") or {}).items() if k != "temperature"}
+    ckpt.reference_stats = meta.get("reference_stats")
+    return ckpt
+
+
+def onnx_props(meta: Mapping[str, Any]) -> dict[str, str]:
+    return {f"cnnkit.{key}": json.dumps(value, ensure_ascii=False) for key, value in meta.items()}
+
+
+def parse_onnx_props(props: Mapping[str, str]) -> dict[str, Any]:
+    meta = {}
+    for key, value in props.items():
+        if key.startswith("cnnkit."):
+            try:
+                meta[key[len("cnnkit."):]] = json.loads(value)
+            except json.JSONDecodeError:
+                continue
+    return meta
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The cnnkit metadata of an exported ONNX or TorchScript file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"exported model not found: {path}")
+    if is_onnx_file(path):
+        require_extra("export", "onnx")
+        import onnx
+
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None
+        return parse_onnx_props({p.key: p.value for p in model.metadata_props})
+    extra = {TORCHSCRIPT_METADATA: ""}
+    try:
+        load_torchscript(path, extra)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable TorchScript model ({first_line(exc)})") from None
+    return json.loads(extra[TORCHSCRIPT_METADATA] or "{}")
+
+
+def load_torchscript(path: str, extra_files: dict[str, Any] | None = None) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(path, map_location="cpu", _extra_files=extra_files or {})
+    return module.eval()

@@ -1,0 +1,74 @@
+"""``cnnkit serve``: an HTTP prediction service with micro-batching, Prometheus metrics and drift.
+
+:func:`create_app` builds the Flask application for one model; :func:`serve` runs it under
+gunicorn (``gthread`` workers). Each worker process loads the model once at start-up, after the
+fork, sizes torch's intra-op threads to its share of the cores (so workers do not fight over
+them), and runs one *micro-batcher* thread: request threads decode and preprocess their images,
+the batcher gathers the images of concurrent requests into one forward pass (at most
+``max_batch`` images; it waits up to ``max_wait_ms`` for requests that are still being decoded,
+and not at all when none are), and hands each request its rows back.
+
+Endpoints::
+
+    POST /predict    multipart field "image" (one or more files), or JSON {"image": "<base64>"} /
+                     {"images": ["<base64>", ...]}; top_k in the query string or the body
+    GET  /health     liveness: the worker answers
+    GET  /ready      readiness: model loaded and warmed up (503 until then)
+    GET  /metadata   classes, arch, preprocessing, checkpoint summary, serving limits
+    GET  /metrics    Prometheus text format, all workers together (gunicorn multi-process mode)
+    GET  /openapi.json  the OpenAPI 3 description of all of the above (``cnnkit/openapi.json``)
+
+Errors are JSON ``{"error": "...", "status": N}``: 400 malformed request (bad JSON or base64, no
+image, empty image, bad top_k, a body that ends early or is malformed), 405, 404, 408 a request
+that did not arrive within ``timeout`` (a slow or stalled client), 413 body over ``max_bytes``
+(whatever Content-Length says, chunked bodies too) or more than ``max_images`` images or too many
+multipart parts, 415 wrong content type, 422 an image that cannot be decoded (not an image,
+corrupt, truncated, too many pixels, too elongated), 500 internal failure (logged), 503 not ready
+or timed out waiting for the model. Under ``cnnkit serve`` (gunicorn with
+:class:`BoundedThreadWorker`), errors gunicorn itself answers (a malformed request line or
+headers, bad chunked encoding) are JSON too, and reading one request, headers and body, may take
+at most ``timeout`` seconds: a client that stalls or trickles bytes holds a request thread no
+longer than that.
+
+Test hook, off by default: with ``CNNKIT_SERVE_TEST_HOOKS=1`` in the server's environment, a
+request carrying the header ``X-Cnnkit-Test-Fault: model`` makes the model raise while scoring it,
+so tests can check that an internal failure is a 500 and the worker goes on serving. Never set it
+in production.
+
+The package, by layer (imports go one way: launcher → app → service → batcher and metrics;
+parsing and sizing are leaves that the others import; gunicorn loads the worker by name)::
+
+    launcher.py  serve(cfg): checks, then gunicorn; gunicorn_options
+    worker.py    BoundedThreadWorker (gunicorn gthread: request deadline, JSON errors, accept)
+    app.py       create_app: Flask routes, JSON errors, the request log; openapi_spec
+    service.py   ModelService: image bytes → decode → batch → predict → encode → dict
+    batcher.py   MicroBatcher          metrics.py  Prometheus metrics, the multi-process folder
+    parsing.py   request parsing, HttpError, error_body
+    sizing.py    worker_count, torch_threads
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .app import create_app, openapi_spec
+from .batcher import MicroBatcher
+from .launcher import gunicorn_options, serve
+from .metrics import Metrics, iter_metric_samples
+from .parsing import HttpError, error_body
+from .service import ModelService
+from .sizing import torch_threads, worker_count
+
+# BoundedThreadWorker is not listed: it is made on first use (__getattr__), gunicorn being optional.
+__all__ = [
+    "HttpError", "Metrics", "MicroBatcher", "ModelService", "create_app", "error_body",
+    "gunicorn_options", "iter_metric_samples", "openapi_spec", "serve", "torch_threads", "worker_count",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BoundedThreadWorker":  # "cnnkit.serve.BoundedThreadWorker" for gunicorn's worker_class
+        from .worker import bounded_worker_class
+
+        return bounded_worker_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,118 @@
+"""``cnnkit serve``'s launcher: check the model and the port in the master, then run the app under
+gunicorn (:func:`serve`), with the settings of :mod:`cnnkit.gunicorn_conf` and the config's on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from typing import Any
+
+from ..config import ServeConfig
+from ..errors import CnnkitError, ConfigError, require_extra
+from ..models.exported import checkpoint_from_metadata, is_onnx_file, read_metadata
+from .app import create_app
+from .sizing import torch_threads, worker_count
+
+log = logging.getLogger(__name__)
+
+
+def gunicorn_options(cfg: ServeConfig) -> dict[str, Any]:
+    """gunicorn settings for ``cfg`` (on top of those in :mod:`cnnkit.gunicorn_conf`)."""
+    host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
+    options: dict[str, Any] = {
+        "bind": [f"{host}:{cfg.port}"],
+        "workers": worker_count(cfg),
+        "threads": cfg.threads,
+        # A worker whose main loop is silent this long is restarted; requests time out before.
+        "timeout": int(max(30, 2 * cfg.timeout)),
+        "graceful_timeout": int(max(10, cfg.timeout)),
+        "errorlog": "-",
+        "loglevel": "info" if logging.getLogger("cnnkit").getEffectiveLevel() <= logging.INFO else "warning",
+        "proc_name": "cnnkit-serve",
+        "preload_app": False,
+        "control_socket_disable": True,  # gunicorn >= 25: one shared control socket would clash between servers
+    }
+    if os.path.isdir("/dev/shm"):
+        options["worker_tmp_dir"] = "/dev/shm"  # heartbeat files off slow or overlay disks
+    return options
+
+
+def _check_model(cfg: ServeConfig) -> str:
+    """Fail fast, in the master, on a model file the workers could not load; a one-line summary.
+
+    Reads metadata only: no torch computation happens before gunicorn forks its workers.
+    """
+    from ..data.folders import load_category_names
+
+    if is_onnx_file(cfg.checkpoint):
+        require_extra("export", "onnx", "onnxruntime")
+        ckpt = checkpoint_from_metadata(read_metadata(cfg.checkpoint), cfg.checkpoint)
+        kind = "ONNX model"
+    else:
+        from ..models.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(cfg.checkpoint)
+        kind = "checkpoint"
+    if cfg.category_names:
+        load_category_names(cfg.category_names, ckpt.classes)
+    drift = "with" if getattr(ckpt, "reference_stats", None) else "without"
+    return f"{kind} {cfg.checkpoint}: {ckpt.arch}, {len(ckpt.classes)} classes, {drift} drift reference"
+
+
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port or --host") from None
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the server in the foreground until stopped (SIGTERM: graceful, requests in flight finish; Ctrl-C: at once)."""
+    require_extra("serve", "flask", "gunicorn", "prometheus_client")
+    from gunicorn.app.base import BaseApplication
+
+    summary = _check_model(cfg)
+    _check_port(cfg.host, cfg.port)
+
+    class Application(BaseApplication):
+        def load_config(self) -> None:
+            from .. import gunicorn_conf
+
+            settings = {k: v for k, v in vars(gunicorn_conf).items() if not k.startswith("_")}
+            for key, value in {**settings, **gunicorn_options(cfg)}.items():
+                if key in self.cfg.settings:  # as gunicorn's -c: names that are not settings are skipped
+                    self.cfg.set(key, value)
+
+        def load(self):
+            try:
+                return create_app(cfg.checkpoint, cfg)
+            except CnnkitError as exc:
+                log.error("cannot load the model: %s", exc)
+                raise SystemExit(4) from None  # gunicorn: "App failed to load", the master stops
+
+    metrics_dir = tempfile.mkdtemp(prefix="cnnkit-metrics-")
+    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in the workers
+    log.info(
+        "serving %s on http://%s:%d with %d worker(s) x %d threads, %d torch thread(s) per worker, "
+        "batches of up to %d (wait up to %g ms)",
+        summary, cfg.host, cfg.port, worker_count(cfg), cfg.threads, torch_threads(cfg), cfg.max_batch, cfg.max_wait_ms,
+    )
+    try:
+        Application().run()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise CnnkitError(f"the server stopped with an error (gunicorn exit status {exc.code}); see the log above") from None
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if previous is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous

@@ -1,0 +1,79 @@
+"""The server's Prometheus metrics, and where gunicorn's workers share them.
+
+Under gunicorn every worker writes its values to the folder named by ``PROMETHEUS_MULTIPROC_DIR``
+(:func:`multiprocess_dir`, also read by :mod:`cnnkit.gunicorn_conf`), and ``/metrics`` aggregates
+them, whichever worker answers. ``prometheus_client`` (the 'serve' extra) is imported on use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+from ..errors import ConfigError
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def multiprocess_dir() -> str | None:
+    """The Prometheus multi-process folder (``PROMETHEUS_MULTIPROC_DIR``), or None outside gunicorn."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+class Metrics:
+    """The server's Prometheus metrics, on a registry of its own.
+
+    Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` is set and every worker writes its values there;
+    :meth:`render` then aggregates all workers, whichever one answers ``/metrics``.
+    """
+
+    def __init__(self, drift: bool = True) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.multiprocess_dir = multiprocess_dir()
+        if self.multiprocess_dir and not os.path.isdir(self.multiprocess_dir):
+            raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR is not a folder: {self.multiprocess_dir}")
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("cnnkit_requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("cnnkit_request_duration_seconds", "HTTP request latency by endpoint.",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("cnnkit_batch_size", "Images per forward pass.", buckets=BATCH_BUCKETS, registry=r)
+        self.forward = Histogram("cnnkit_forward_duration_seconds", "Duration of one forward pass.",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Counter("cnnkit_images", "Images scored.", registry=r)
+        self.predicted = Counter("cnnkit_predicted_class", "Top-1 predictions by class label.", ["label"], registry=r)
+        self.confidence = Histogram("cnnkit_prediction_confidence", "Top-1 probability of each scored image.",
+                                    buckets=CONFIDENCE_BUCKETS, registry=r)
+        if drift:  # only for a model with reference statistics: otherwise the drift metrics are absent
+            self.drift = Gauge("cnnkit_drift_psi",
+                               "Population-stability index of a worker's recent images against the model's "
+                               "validation-set reference, by signal (the highest over live workers).",
+                               ["signal"], multiprocess_mode="livemax", registry=r)
+            self.drift_window = Gauge("cnnkit_drift_window_images",
+                                      "Images in a worker's drift window (highest over workers).",
+                                      multiprocess_mode="livemax", registry=r)
+        self.model_info = Gauge("cnnkit_model_info", "The model served (value 1).", ["model_version", "arch", "backend"],
+                                multiprocess_mode="livemax", registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        if self.multiprocess_dir:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def iter_metric_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """``(name, labels, value)`` for each sample of a Prometheus text exposition (for tests, tools)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            yield sample.name, dict(sample.labels), float(sample.value)

@@ -1,0 +1,48 @@
+"""best.pt (the best validation accuracy so far) and last.pt (with what resuming needs), saved
+atomically after every epoch; at the end, best.pt gets its drift reference statistics."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from ...drift import reference_statistics
+from ...models.checkpoint import load_checkpoint
+from ..rundir import BEST, LAST
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..loop import Trainer
+
+
+class Checkpoints(Callback):
+    main_only = True
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if trainer.improved:
+            trainer.checkpoint(with_state=False).save(trainer.run.paths[BEST])
+        trainer.checkpoint(with_state=True).save(trainer.run.paths[LAST])
+
+    def after_fit(self, trainer: Trainer) -> None:
+        """Give best.pt (the file to deploy) its validation statistics for drift monitoring.
+
+        They take a pass over the validation images with the best weights: done once, at the
+        end of the run, rather than at every improvement (which would cost cached epochs most
+        of their speed-up).
+        """
+        path, run = trainer.run.paths[BEST], trainer.run
+        if not os.path.exists(path):
+            return
+        best = load_checkpoint(path)
+        if best.reference_stats is not None:
+            return
+        model = run.model
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best.state_dict)
+        try:
+            # The epochs' own validation loader when it is unsharded images; else the whole set.
+            loader = trainer.valid_loader if not run.ctx.enabled and trainer.net is model else run.loaders.whole_validation()
+            best.reference_stats = reference_statistics(model, loader, trainer.device)
+        finally:
+            model.load_state_dict(current)
+        best.save(path)
