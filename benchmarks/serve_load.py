@@ -1,36 +1,35 @@
-"""Load benchmark for ``cnnkit serve`` (issue 5), against 127.0.0.1 only.
+"""Load benchmark for ``cnnkit serve`` (issues 5 and 17), against 127.0.0.1 only.
 
 For each architecture, in one run on one machine:
 
 1. ``cnnkit serve`` with ``--workers 1`` and ``--workers 2`` (defaults otherwise; optionally the
    ONNX export served with onnxruntime, ``--servers ... cnnkit-onnx-w2``), the naive
    tutorial-style server (``naive_server.py``: Flask's threaded server, one image per forward
-   pass) and the same naive app under gunicorn with 2 sync workers;
-2. for each, a bounded load: a fixed number of single-image POST /predict requests (multipart
-   JPEG, 500x375 photos from the bundled flowers) at concurrency 1, 8 and 32, each level capped
-   at ``--max-seconds``; requests/s, p50/p95/p99 latency, errors, and for cnnkit the mean batch
-   size its forward passes reached (from its /metrics);
-3. the limit: the bare model's forward-only images/s on ready-made tensors, at the batch size
-   each level's forward passes had (cnnkit: the mean it reached; naive: 1), measured while no
-   server runs, using all cores two ways (one process with a thread per core, and one 1-thread
-   process per core, summed) and taking the better; each is the best rate over 1-second windows.
+   pass) and the same naive app under gunicorn with 2 sync workers; with ``--accept-delay-ms``,
+   each cnnkit server once per value of ``CNNKIT_ACCEPT_DELAY_MS`` (0: first-come accept);
+2. for each, bounded load at each concurrency, ``--repeats`` times: single-image POST /predict
+   requests (multipart, real JPEGs of ../shared/data/flowers-20 as they are on disk), each on a
+   new connection, each level capped at ``--max-seconds``; requests/s, p50/p95/p99 latency,
+   errors, and for cnnkit the mean batch size of its forward passes (from its /metrics);
+3. the limit (``limit.py``), measured while no server runs: forward-only images/s through
+   ``Predictor``'s numeric path in the best layout, the best batch size up to ``--max-batch``
+   (16, cnnkit serve's default) and the better of one process x 2 threads and two 1-thread
+   processes (what ``--workers 1`` and ``--workers 2`` run).
 
+Every ratio, the verdicts at concurrency 8 and the accept-delay comparison are computed here and
+printed as Markdown tables (for benchmarks/RESULTS.md); the raw runs go to benchmarks/out/serve_load.json.
 Weights are random (``weights none``): throughput does not depend on their values.
 
-    python benchmarks/serve_load.py --archs resnet18 densenet121 --requests 96
-
-Prints Markdown tables (for benchmarks/RESULTS.md) and writes benchmarks/out/serve_load.json.
+    python benchmarks/serve_load.py      # --archs resnet18 densenet121 --requests 96 --concurrency 1 8 32 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import itertools
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -42,16 +41,12 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-REPO = Path(__file__).resolve().parents[1]
-FLOWERS = REPO / "data" / "flowers-mini"
+from limit import REPO, machine, make_checkpoint, measure_limit, real_images, subprocess_env, summary  # noqa: E402
+
 HOST = "127.0.0.1"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+SERVERS = ["cnnkit-w1", "cnnkit-w2", "cnnkit-onnx-w2", "naive", "naive-gunicorn-w2"]
 
 
 def free_port() -> int:
@@ -60,29 +55,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def make_checkpoint(arch: str, path: Path) -> None:
-    from cnnkit.data.transforms import resolve_preprocess
-    from cnnkit.models.build import build_model
-    from cnnkit.models.checkpoint import Checkpoint, library_versions
-
-    torch.manual_seed(0)
-    model, head = build_model(arch, 5, "none")
-    Checkpoint(
-        arch=arch, head=head, state_dict=model.state_dict(), classes=[f"c{i}" for i in range(5)],
-        preprocess=resolve_preprocess(arch), versions=library_versions(),
-    ).save(path)
-
-
 def make_payloads(count: int) -> list[tuple[bytes, str]]:
-    """Multipart bodies, each one 500x375 JPEG made from the bundled photos."""
-    sources = sorted(FLOWERS.glob("*/*/*.jpg"))[:count]
+    """Multipart bodies, each one real JPEG of flowers-20 as it is on disk (test/ first)."""
     bodies = []
-    for src in sources:
-        buffer = io.BytesIO()
-        Image.open(src).convert("RGB").resize((500, 375), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+    for src in real_images(count):
         boundary = uuid.uuid4().hex
         body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{src.name}"\r\n'
-                "Content-Type: image/jpeg\r\n\r\n").encode() + buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+                "Content-Type: image/jpeg\r\n\r\n").encode() + src.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
         bodies.append((body, f"multipart/form-data; boundary={boundary}"))
     return bodies
 
@@ -100,21 +79,16 @@ def post(port: int, payload: tuple[bytes, str], timeout: float = 120) -> bool:
         connection.close()
 
 
-def get(port: int, path: str) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        connection.request("GET", path)
-        answer = connection.getresponse()
-        return answer.status, answer.read()
-    finally:
-        connection.close()
-
-
 def batch_metrics(port: int) -> tuple[float, float]:
     """(images, forward passes) so far, from a cnnkit server's /metrics."""
     from cnnkit.serve import iter_metric_samples
 
-    _, body = get(port, "/metrics")
+    connection = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        body = connection.getresponse().read()
+    finally:
+        connection.close()
     values = {name: value for name, labels, value in iter_metric_samples(body.decode()) if not labels}
     return values.get("cnnkit_batch_size_sum", 0.0), values.get("cnnkit_batch_size_count", 0.0)
 
@@ -122,15 +96,18 @@ def batch_metrics(port: int) -> tuple[float, float]:
 # --- servers --------------------------------------------------------------------------------
 
 
-def start_server(kind: str, checkpoint: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "CKPT": str(checkpoint), "PYTHONUNBUFFERED": "1"}
+def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay_ms: str | None) -> subprocess.Popen:
+    env = subprocess_env(CKPT=str(checkpoint), PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.pop("CNNKIT_ACCEPT_DELAY_MS", None)
+    if accept_delay_ms is not None:
+        env["CNNKIT_ACCEPT_DELAY_MS"] = accept_delay_ms
     if kind.startswith("cnnkit"):
         workers = kind.rsplit("-w", 1)[1]
         model = checkpoint.with_suffix(".onnx") if "onnx" in kind else checkpoint
         if "onnx" in kind and not model.exists():
             subprocess.run([sys.executable, "-m", "cnnkit", "-q", "export", str(checkpoint), "-o", str(model)],
-                           check=True, stdout=subprocess.DEVNULL)
+                           check=True, stdout=subprocess.DEVNULL, env=env)
         args = [sys.executable, "-m", "cnnkit", "serve", str(model), "--port", str(port),
                 "--workers", workers, "--device", "cpu"]
     elif kind == "naive":
@@ -150,17 +127,12 @@ def start_server(kind: str, checkpoint: Path, port: int, log: Path) -> subproces
 
 def wait_ready(port: int, process: subprocess.Popen, payload, workers: int, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while not post(port, payload, timeout=30):
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if post(port, payload, timeout=30):
-                break
-        except OSError:
-            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("server not ready in time")
         time.sleep(0.2)
-    else:
-        raise RuntimeError("server not ready in time")
     # Every worker warmed up: as many concurrent requests, twice, as workers x 8.
     run_level(port, [payload], concurrency=8 * workers, requests=16 * workers, max_seconds=120)
 
@@ -209,159 +181,170 @@ def run_level(port: int, payloads: list, concurrency: int, requests: int, max_se
         thread.join()
     wall = time.perf_counter() - start
     cuts = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "capped": len(latencies) < requests,
-        "seconds": round(wall, 2),
-        "rps": round(len(latencies) / wall, 2),
-        "p50_ms": round(cuts[49] * 1000, 1),
-        "p95_ms": round(cuts[94] * 1000, 1),
-        "p99_ms": round(cuts[98] * 1000, 1),
-        "errors": errors[0],
-    }
+    return {"concurrency": concurrency, "requests": len(latencies), "capped": len(latencies) < requests,
+            "seconds": round(wall, 2), "rps": round(len(latencies) / wall, 2), "p50_ms": round(cuts[49] * 1000, 1),
+            "p95_ms": round(cuts[94] * 1000, 1), "p99_ms": round(cuts[98] * 1000, 1), "errors": errors[0]}
 
 
-@torch.inference_mode()
-def forward_loop(checkpoint: Path, batch: int, min_seconds: float, threads: int) -> float:
-    """Images/s of the bare model on ready-made tensors at ``batch`` with ``threads`` threads."""
-    from cnnkit.models.checkpoint import load_checkpoint
-
-    torch.set_num_threads(threads)
-    ckpt = load_checkpoint(checkpoint)
-    model = ckpt.build_model("cpu")
-    size = ckpt.preprocess.image_size
-    x = torch.randn(batch, 3, size, size)
-    for _ in range(2):
-        model(x)
-    # The best rate over windows of >= 1 s: on a shared machine the least-disturbed window is the
-    # closest to what the hardware can do (and a higher limit only makes the ratios stricter).
-    best, start = 0.0, time.perf_counter()
-    while True:
-        images, began = 0, time.perf_counter()
-        while time.perf_counter() - began < 1.0 or images < 2 * batch:
-            model(x)
-            images += batch
-        best = max(best, images / (time.perf_counter() - began))
-        if time.perf_counter() - start >= min_seconds:
-            return best
-
-
-def forward_limit(checkpoint: Path, batch: int, min_seconds: float) -> dict[str, float]:
-    """The machine's forward-only images/s at ``batch``, all cores used two ways, each in fresh
-    processes: one process with a thread per core, and a single-thread process per core (summed).
-    The limit is the better of the two: no server can beat it."""
-    def run(processes: int, threads: int) -> float:
-        command = [sys.executable, __file__, "--forward", str(checkpoint), str(batch), str(min_seconds), str(threads)]
-        children = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
-        return sum(float(child.communicate()[0].strip().splitlines()[-1]) for child in children)
-
-    one_process = run(1, cores())
-    per_core = run(cores(), 1) if cores() > 1 else one_process
-    return {"limit": round(max(one_process, per_core), 2), "one_process": round(one_process, 2),
-            "process_per_core": round(per_core, 2)}
-
-
-# --- main -----------------------------------------------------------------------------------
-
-
-def bench_arch(arch: str, args: argparse.Namespace, work: Path, payloads: list) -> dict:
-    checkpoint = work / f"{arch}.pt"
-    make_checkpoint(arch, checkpoint)
-    servers: dict[str, list[dict]] = {}
-    for kind in args.servers:
-        port = free_port()
-        log = work / f"{arch}-{kind}.log"
-        process = start_server(kind, checkpoint, port, log)
-        workers = 2 if kind.endswith("w2") else 1
-        print(f"[{arch}] {kind} on port {port}", file=sys.stderr, flush=True)
-        try:
-            wait_ready(port, process, payloads[0], workers)
-            levels = []
-            # The collapsing baseline only where the issue measured it: it would take minutes per level.
-            for concurrency in [8] if kind == "naive-gunicorn-w2" else args.concurrency:
+def bench_server(kind: str, delay: str | None, args, checkpoint: Path, work: Path, payloads: list) -> dict[int, list[dict]]:
+    """``--repeats`` runs of every concurrency level against one server instance."""
+    port = free_port()
+    process = start_server(kind, checkpoint, port, work / f"{checkpoint.stem}-{kind}-{delay}.log", delay)
+    workers = 2 if kind.endswith("w2") else 1
+    try:
+        wait_ready(port, process, payloads[0], workers)
+        levels: dict[int, list[dict]] = {}
+        # The collapsing baseline only where the issue measured it: it would take minutes per level.
+        for concurrency in [8] if kind == "naive-gunicorn-w2" else args.concurrency:
+            runs = levels.setdefault(concurrency, [])
+            for _ in range(args.repeats):
                 before = batch_metrics(port) if kind.startswith("cnnkit") else None
                 row = run_level(port, payloads, concurrency, args.requests, args.max_seconds)
                 if before is not None:
                     images, passes = (a - b for a, b in zip(batch_metrics(port), before))
                     row["mean_batch"] = round(images / passes, 2) if passes else None
-                levels.append(row)
-                print(f"[{arch}] {kind} c={concurrency}: {row}", file=sys.stderr, flush=True)
-            servers[kind] = levels
-        finally:
-            stop_server(process)
-    # The limit, with no server running: at 1 and at every mean batch size cnnkit reached.
-    sizes = {1} | {max(1, round(row["mean_batch"])) for rows in servers.values() for row in rows if row.get("mean_batch")}
-    limits, detail = {}, {}
-    for size in sorted(sizes):
-        detail[size] = forward_limit(checkpoint, size, args.limit_seconds)
-        limits[size] = detail[size]["limit"]
-        print(f"[{arch}] forward-only at batch {size}: {detail[size]} img/s", file=sys.stderr, flush=True)
-    # Each level is compared with the limit at the batch size its forward passes had: the mean
-    # cnnkit reached (from its /metrics), 1 for the naive servers (one image per pass).
-    for rows in servers.values():
-        for row in rows:
-            row["limit_batch"] = max(1, round(row.get("mean_batch") or 1))
-            row["limit_ips"] = limits[row["limit_batch"]]
-            row["ratio"] = round(row["rps"] / row["limit_ips"], 2)
-    return {"servers": servers, "limits": limits, "limit_detail": detail}
+                runs.append(row)
+                print(f"[{checkpoint.stem}] {kind} delay={delay} c={concurrency}: {row}", file=sys.stderr, flush=True)
+        return levels
+    finally:
+        stop_server(process)
+
+
+def summarise(runs: list[dict], limit: float) -> dict:
+    pick = lambda key: [r[key] for r in runs if r.get(key) is not None]  # noqa: E731
+    return {"concurrency": runs[0]["concurrency"], "requests": pick("requests"), "capped": any(pick("capped")),
+            "rps": summary(pick("rps")), "p50_ms": summary(pick("p50_ms")), "p95_ms": summary(pick("p95_ms")),
+            "p99_ms": summary(pick("p99_ms")), "errors": sum(pick("errors")),
+            "mean_batch": summary(pick("mean_batch")) if pick("mean_batch") else None,
+            "ratio": summary([r / limit for r in pick("rps")])}
+
+
+def bench_arch(arch: str, args, work: Path, payloads: list) -> dict:
+    checkpoint = make_checkpoint(arch, work / f"{arch}.pt", classes=5)
+    servers: dict[str, dict[int, list[dict]]] = {}
+    for kind in args.servers:
+        delays = args.accept_delay_ms if kind.startswith("cnnkit") and args.accept_delay_ms else [None]
+        for delay in delays:
+            name = kind if delay is None else f"{kind}, accept delay {delay} ms"
+            servers[name] = bench_server(kind, delay, args, checkpoint, work, payloads)
+    print(f"[{arch}] limit (no server running)", file=sys.stderr, flush=True)
+    sizes = [b for b in (1, 2, 4, 8, 16, 32) if b <= args.max_batch]
+    limit = measure_limit(checkpoint, sizes, ["1x2", "2x1"], args.limit_batches, args.limit_seconds)
+    rows = {name: {c: summarise(runs, limit.img_s) for c, runs in levels.items()} for name, levels in servers.items()}
+    return {"limit": limit.to_dict(), "limit_text": limit.describe(), "grid": limit.grid(), "rows": rows, "raw": servers}
+
+
+# --- tables ---------------------------------------------------------------------------------
+
+
+def fmt(s: dict | None, digits: int = 1) -> str:
+    if s is None:
+        return "-"
+    if s["n"] == 1 or s["min"] == s["max"]:
+        return f"{s['median']:.{digits}f}"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
 def markdown(results: dict) -> str:
     out = []
-    for arch, result in results["archs"].items():
-        out.append(f"**{arch}** — forward-only img/s by batch size, one process x {results['machine']['cores']} "
-                   "threads / one 1-thread process per core (limit = the better): "
-                   + ", ".join(f"{b}: {d['one_process']} / {d['process_per_core']}" for b, d in result["limit_detail"].items())
-                   + "\n")
-        out.append("| server | conc. | requests | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | limit (batch) | ratio |")
-        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for kind, rows in result["servers"].items():
-            for row in rows:
-                capped = " (capped)" if row["capped"] else ""
-                out.append(
-                    f"| {kind} | {row['concurrency']} | {row['requests']}{capped} | {row['rps']} | {row['p50_ms']} | "
-                    f"{row['p95_ms']} | {row['p99_ms']} | {row['errors']} | {row.get('mean_batch') or '-'} | "
-                    f"{row['limit_ips']} ({row['limit_batch']}) | {row['ratio']} |"
-                )
+    for arch, r in results["archs"].items():
+        out += [f"**{arch}**: the limit is {r['limit_text']}; forward-only img/s of each cell:", "", r["grid"], "",
+                "| server | conc. | requests per run | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | "
+                "ratio to the limit |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, levels in r["rows"].items():
+            for c, row in levels.items():
+                capped = f"{min(row['requests'])}–{max(row['requests'])} (capped)" if row["capped"] else str(max(row["requests"]))
+                out.append(f"| {name} | {c} | {capped} | {fmt(row['rps'], 2)} | {row['p50_ms']['median']:.1f} | "
+                           f"{fmt(row['p95_ms'])} | {row['p99_ms']['median']:.1f} | {row['errors']} | "
+                           f"{fmt(row['mean_batch'], 2)} | {fmt(row['ratio'], 2)} |")
         out.append("")
+    verdicts = verdict_table(results)
+    if verdicts:
+        out += verdicts + [""]
+    out += delay_table(results)
     return "\n".join(out)
 
 
+def verdict_table(results: dict) -> list[str]:
+    """The targets at concurrency 8, for the default server (--workers = one per core, here 2)."""
+    lines = []
+    for arch, r in results["archs"].items():
+        rows = {name: levels.get(8) for name, levels in r["rows"].items()}
+        cnnkit, naive, collapse = rows.get("cnnkit-w2"), rows.get("naive"), rows.get("naive-gunicorn-w2")
+        if cnnkit is None:
+            continue
+        if not lines:
+            lines = ["| arch (concurrency 8) | req/s / limit (target ≥ 0.85×) | p95 vs naive server (target: below) | "
+                     "errors | cnnkit-w2 vs naive under gunicorn -w 2 |", "| --- | --- | --- | ---: | --- |"]
+        ratio = cnnkit["rps"]["median"] / r["limit"]["img_s"]
+        verdict = "met" if ratio >= 0.85 else f"missed by {(0.85 - ratio) / 0.85:.0%}"
+        p95 = "-" if naive is None else (
+            f"{cnnkit['p95_ms']['median']:.0f} vs {naive['p95_ms']['median']:.0f} ms: "
+            f"{'below' if cnnkit['p95_ms']['median'] < naive['p95_ms']['median'] else 'NOT below'} "
+            f"({cnnkit['p95_ms']['median'] / naive['p95_ms']['median']:.2f}×)")
+        versus = "-" if collapse is None else (
+            f"{cnnkit['rps']['median'] / collapse['rps']['median']:.0f}× the req/s "
+            f"({collapse['rps']['median']:.2f} req/s, p95 {collapse['p95_ms']['median'] / 1000:.1f} s)")
+        lines.append(f"| {arch} | {cnnkit['rps']['median']:.2f} / {r['limit']['img_s']:.2f} = **{ratio:.2f}×** "
+                     f"({verdict}) | {p95} | {cnnkit['errors']} | {versus} |")
+    return lines
+
+
+def delay_table(results: dict) -> list[str]:
+    """Load-aware accept against first-come accept (CNNKIT_ACCEPT_DELAY_MS=0), same run."""
+    lines = []
+    for arch, r in results["archs"].items():
+        for name, off in r["rows"].items():
+            kind, _, delay = name.partition(", accept delay ")
+            if delay != "0 ms":
+                continue
+            for other, on in r["rows"].items():
+                if not other.startswith(f"{kind}, accept delay ") or other == name:
+                    continue
+                if not lines:
+                    lines = ["| arch, server, conc. | accept delay | p95 ms: first come → load-aware | change | "
+                             "p99 ms | req/s |", "| --- | --- | --- | ---: | --- | --- |"]
+                for c in on:
+                    a, b = off[c], on[c]
+                    change = b["p95_ms"]["median"] / a["p95_ms"]["median"] - 1
+                    lines.append(f"| {arch}, {kind}, {c} | 0 → {other.rsplit(' ', 2)[1]} ms | {fmt(a['p95_ms'])} → "
+                                 f"{fmt(b['p95_ms'])} | {change:+.0%} | {a['p99_ms']['median']:.0f} → "
+                                 f"{b['p99_ms']['median']:.0f} | {fmt(a['rps'], 2)} → {fmt(b['rps'], 2)} |")
+    return lines
+
+
 def main() -> None:
-    if len(sys.argv) == 6 and sys.argv[1] == "--forward":  # one forward-only measurement (a child)
-        print(forward_loop(Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
-        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=["resnet18", "densenet121"])
     parser.add_argument("--servers", nargs="+", default=["cnnkit-w1", "cnnkit-w2", "naive", "naive-gunicorn-w2"],
-                        choices=["cnnkit-w1", "cnnkit-w2", "cnnkit-onnx-w2", "naive", "naive-gunicorn-w2"],
-                        help="cnnkit-onnx-w2 (not run by default) serves the ONNX export with onnxruntime")
+                        choices=SERVERS, help="cnnkit-onnx-w2 (not run by default) serves the ONNX export")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
-    parser.add_argument("--max-seconds", type=float, default=30, help="cap per level (a collapsed server)")
-    parser.add_argument("--limit-seconds", type=float, default=3, help="time per forward-only measurement")
-    parser.add_argument("--output", default=str(REPO / "benchmarks" / "out" / "serve_load.json"))
+    parser.add_argument("--requests", type=int, default=96, help="requests per run of a level")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each level (medians, min–max)")
+    parser.add_argument("--max-seconds", type=float, default=30, help="cap per run of a level (a collapsed server)")
+    parser.add_argument("--accept-delay-ms", nargs="+", default=None,
+                        help="run each cnnkit server once per CNNKIT_ACCEPT_DELAY_MS value (e.g. 0 1)")
+    parser.add_argument("--max-batch", type=int, default=16, help="the largest batch size of the limit (serve's default)")
+    parser.add_argument("--limit-batches", type=int, default=8)
+    parser.add_argument("--limit-seconds", type=float, default=3.0)
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "out" / "serve_load.json")
     args = parser.parse_args()
 
     started = time.time()
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    payloads = make_payloads(16)
-    results: dict = {
-        "command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
-        "machine": {"cores": cores(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_avg_1m_before": load_before},
-        "archs": {},
-    }
+    payloads = make_payloads(64)
+    results: dict = {"command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+                     "machine_before": machine(), "archs": {}}
+    print(json.dumps(results["machine_before"]), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="cnnkit-serve-bench-") as tmp:
         for arch in args.archs:
             results["archs"][arch] = bench_arch(arch, args, Path(tmp), payloads)
-    results["machine"]["load_avg_1m_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    results["seconds"] = round(time.time() - started, 1)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"`{results['command']}` — {results['seconds']} s, {cores()} cores, "
-          f"load average {load_before} before / {results['machine']['load_avg_1m_after']} after\n")
+    results["machine_after"] = machine()
+    results["seconds"] = round(time.time() - started)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine_before"]
+    print(f"`{results['command']}`: {results['seconds']} s; {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
+          f"load average {m['load_avg_1m']:.2f} before, {results['machine_after']['load_avg_1m']:.2f} after\n")
     print(markdown(results))
 
 

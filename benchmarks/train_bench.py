@@ -1,23 +1,25 @@
-"""Training benchmark for ``cnnkit train`` (issue 4).
+"""Training benchmark for ``cnnkit train`` (issues 4 and 17), on real photos.
 
-For each architecture, in one process on one machine, on one generated ImageFolder:
+For each architecture, in one process on one machine, on ../shared/data/flowers-mini (the bundled
+Oxford Flowers-102 sample: 120 training and 28 validation photos, 5 classes, short side 256 px),
+``--repeats`` times (figures are medians, with min-max, over the repeats):
 
 (a) frozen backbone without the feature cache (``--no-cache-features``): seconds per epoch;
 (b) frozen backbone with the feature cache (the default): the first epoch (features computed)
-    and the later epochs, and the wall time of the whole 10-epoch ``train()`` call;
+    and the later epochs, and the wall time of the whole ``--epochs``-epoch ``train()`` call;
 (c) full fine-tuning (``--no-freeze``: every parameter trains, with augmentation): seconds per epoch;
 (d) the reference: a plain loop as in the seed project's ``train.py`` (torchvision ImageFolder,
     DataLoader, the model with a new head, Adam, NLLLoss, a validation pass per epoch), head-only
-    and full, with the same batch size, image size and DataLoader workers as cnnkit.
+    for the same ``--epochs`` epochs as (b), measured end to end (set-up included), and full, with
+    the same batch size, image size and DataLoader workers as cnnkit.
 
 An "epoch" is a training pass over the training images plus a validation pass. Per-epoch times
 are medians over the epochs after the first of each run (the first pays one-off costs: worker
-start-up, kernel selection); the reference's 10-epoch time is its set-up plus 10 such epochs.
-Weights are random and stored as a ".pth" file given to ``--weights``, so cnnkit treats them as
-pretrained (frozen backbone, cached features): throughput does not depend on their values.
-Images are the bundled flower photos resized to a realistic 500x375 and re-encoded as JPEG.
+start-up, kernel selection). Weights are random and stored as a ".pth" file given to
+``--weights``, so cnnkit treats them as pretrained (frozen backbone, cached features):
+throughput does not depend on their values.
 
-    python benchmarks/train_bench.py --archs resnet18 densenet121
+    python benchmarks/train_bench.py      # --archs resnet18 densenet121 --epochs 10 --full-epochs 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -35,25 +35,10 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-FLOWERS = REPO / "data" / "flowers-mini"
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def make_dataset(root: Path, n_train: int, n_valid: int, size: tuple[int, int] = (500, 375)) -> Path:
-    """train/ and valid/ ImageFolders of 5 classes, from the bundled photos (cycled)."""
-    sources = sorted(FLOWERS.glob("*/*/*.jpg"))
-    count = 0
-    for split, n in (("train", n_train), ("valid", n_valid)):
-        for i in range(n):
-            src = sources[count % len(sources)]
-            out = root / split / f"c{i % 5}" / f"img_{count:05d}.jpg"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            Image.open(src).convert("RGB").resize(size, Image.BICUBIC).save(out, quality=90)
-            count += 1
-    return root
+from limit import FLOWERS_MINI, REPO, machine, summary  # noqa: E402
 
 
 def weights_file(arch: str, folder: Path) -> Path:
@@ -143,88 +128,101 @@ def reference_run(data: Path, arch: str, epochs: int, batch_size: int, workers: 
 # --- main --------------------------------------------------------------------------------------
 
 
+def one_repeat(arch: str, data: Path, work: Path, pretrained: Path, workers: int, args) -> dict:
+    """(a)-(d) once; (c) and the reference's full run back to back, so that they see the same machine."""
+    common = dict(batch_size=args.batch_size, workers=workers)
+    print(f"[{arch}] (a) frozen backbone, no cache", file=sys.stderr, flush=True)
+    a = cnnkit_run(data, work / "a", arch, args.uncached_epochs, weights=str(pretrained), cache_features=False, **common)
+    print(f"[{arch}] (b) frozen backbone, feature cache, {args.epochs} epochs", file=sys.stderr, flush=True)
+    b = cnnkit_run(data, work / "b", arch, args.epochs, weights=str(pretrained), **common)
+    print(f"[{arch}] (d) reference loop, head only, {args.epochs} epochs", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    d_head = reference_run(data, arch, args.epochs, args.batch_size, workers, freeze=True)
+    d_head["wall"] = time.perf_counter() - started  # measured end to end: set-up and every epoch
+    print(f"[{arch}] (c) full fine-tuning", file=sys.stderr, flush=True)
+    c = cnnkit_run(data, work / "c", arch, args.full_epochs, weights=str(pretrained), freeze=False, **common)
+    print(f"[{arch}] (d) reference loop, full", file=sys.stderr, flush=True)
+    d_full = reference_run(data, arch, args.full_epochs, args.batch_size, workers, freeze=False)
+
+    uncached, full = steady(a["epochs"]), steady(c["epochs"])
+    cached_later = statistics.median(b["epochs"][1:])
+    ref_head, ref_full = steady(d_head["epochs"]), steady(d_full["epochs"])
+    return {
+        "a_uncached_epoch_s": uncached,
+        "b_cached_first_epoch_s": b["epochs"][0],
+        "b_cached_later_epoch_s": cached_later,
+        "b_cached_run_wall_s": b["wall"],
+        "c_full_epoch_s": full,
+        "d_ref_head_epoch_s": ref_head,
+        "d_ref_head_run_wall_s": d_head["wall"],
+        "d_ref_full_epoch_s": ref_full,
+        "ratio_cache_later_vs_uncached": uncached / cached_later,
+        "ratio_head_run_ref_vs_cnnkit": d_head["wall"] / b["wall"],
+        "ratio_full_cnnkit_vs_ref_speed": ref_full / full,
+        "raw": {"a": a, "b": b, "c": c, "d_head": d_head, "d_full": d_full},
+    }
+
+
 def bench_arch(arch: str, data: Path, work: Path, args) -> dict:
     from cnnkit.runtime import default_workers
 
     workers = default_workers(args.workers)
     work.mkdir(parents=True, exist_ok=True)
     pretrained = weights_file(arch, work)
-    common = dict(batch_size=args.batch_size, workers=workers)
-    print(f"[{arch}] (a) frozen backbone, no cache", flush=True)
-    a = cnnkit_run(data, work / "a", arch, args.uncached_epochs, weights=str(pretrained), cache_features=False, **common)
-    print(f"[{arch}] (b) frozen backbone, feature cache, {args.epochs} epochs", flush=True)
-    b = cnnkit_run(data, work / "b", arch, args.epochs, weights=str(pretrained), **common)
-    print(f"[{arch}] (d) reference loop, head only", flush=True)
-    d_head = reference_run(data, arch, args.ref_epochs, args.batch_size, workers, freeze=True)
-    # (c) and the reference's full run back to back, so that they see the same machine.
-    print(f"[{arch}] (c) full fine-tuning", flush=True)
-    c = cnnkit_run(data, work / "c", arch, args.full_epochs, weights=str(pretrained), freeze=False, **common)
-    print(f"[{arch}] (d) reference loop, full", flush=True)
-    d_full = reference_run(data, arch, args.full_epochs, args.batch_size, workers, freeze=False)
+    repeats = []
+    for repeat in range(args.repeats):
+        print(f"[{arch}] repeat {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
+        repeats.append(one_repeat(arch, data, work, pretrained, workers, args))
+        print(json.dumps({k: round(v, 3) for k, v in repeats[-1].items() if k != "raw"}), file=sys.stderr, flush=True)
+    keys = [k for k in repeats[0] if k != "raw"]
+    return {"arch": arch, "workers": workers, **{k: summary([r[k] for r in repeats]) for k in keys},
+            "raw": [r["raw"] for r in repeats]}
 
-    n_train = args.train
-    uncached = steady(a["epochs"])
-    cached_later = statistics.median(b["epochs"][1:])
-    full = steady(c["epochs"])
-    ref_head, ref_full = steady(d_head["epochs"]), steady(d_full["epochs"])
-    ref_ten = d_head["setup"] + d_head["epochs"][0] + (args.epochs - 1) * ref_head
-    row = {
-        "arch": arch,
-        "workers": workers,
-        "a_uncached_epoch_s": uncached,
-        "a_uncached_img_s": n_train / uncached,
-        "b_cached_first_epoch_s": b["epochs"][0],
-        "b_cached_later_epoch_s": cached_later,
-        "b_cached_later_img_s": n_train / cached_later,
-        "b_cached_run_wall_s": b["wall"],
-        "c_full_epoch_s": full,
-        "c_full_img_s": n_train / full,
-        "d_ref_head_epoch_s": ref_head,
-        "d_ref_head_img_s": n_train / ref_head,
-        "d_ref_head_ten_epochs_s": ref_ten,
-        "d_ref_full_epoch_s": ref_full,
-        "d_ref_full_img_s": n_train / ref_full,
-        "ratio_cache_later_vs_uncached": uncached / cached_later,
-        "ratio_ten_head_epochs_ref_vs_cnnkit": ref_ten / b["wall"],
-        "ratio_full_cnnkit_vs_ref_speed": ref_full / full,
-        "raw": {"a": a, "b": b, "c": c, "d_head": d_head, "d_full": d_full},
-    }
-    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "raw"}), flush=True)
-    return row
+
+def fmt(s: dict, digits: int = 1, unit: str = "") -> str:
+    return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
 def table(rows: list[dict], n_train: int, epochs: int) -> str:
     lines = [
-        f"| arch | (a) uncached epoch | (b) cached: 1st epoch / later epochs | (b) {epochs} cached epochs, whole run | "
-        f"(c) full fine-tuning epoch | (d) reference: head epoch / {epochs} head epochs / full epoch |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| arch | (a) uncached epoch | (b) cached: 1st epoch | (b) cached: later epochs | (b) {epochs} cached epochs, "
+        f"whole run | (c) full fine-tuning epoch | (d) reference: head epoch | (d) reference: {epochs} head epochs, "
+        "whole run | (d) reference: full epoch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['arch']} | {r['a_uncached_epoch_s']:.1f} s ({r['a_uncached_img_s']:.1f} img/s) "
-            f"| {r['b_cached_first_epoch_s']:.1f} s / {r['b_cached_later_epoch_s']:.3f} s ({r['b_cached_later_img_s']:.0f} img/s) "
-            f"| {r['b_cached_run_wall_s']:.1f} s "
-            f"| {r['c_full_epoch_s']:.1f} s ({r['c_full_img_s']:.1f} img/s) "
-            f"| {r['d_ref_head_epoch_s']:.1f} s / {r['d_ref_head_ten_epochs_s']:.0f} s / {r['d_ref_full_epoch_s']:.1f} s |"
+            f"| {r['arch']} | {fmt(r['a_uncached_epoch_s'])} s | {fmt(r['b_cached_first_epoch_s'])} s "
+            f"| {fmt(r['b_cached_later_epoch_s'], 3)} s | {fmt(r['b_cached_run_wall_s'])} s "
+            f"| {fmt(r['c_full_epoch_s'])} s | {fmt(r['d_ref_head_epoch_s'])} s | {fmt(r['d_ref_head_run_wall_s'])} s "
+            f"| {fmt(r['d_ref_full_epoch_s'])} s |"
         )
-    lines += ["", "| arch | later cached epoch vs uncached epoch (target ≥ 20×) | "
-              f"{epochs} head epochs: reference / cnnkit (target ≥ 5×) | full fine-tuning speed: cnnkit / reference (target ≥ 0.95) |",
-              "| --- | --- | --- | --- |"]
+    lines += ["", f"Training images per second of epoch ({n_train} training images): (a) "
+              + ", ".join(f"{r['arch']} {n_train / r['a_uncached_epoch_s']['median']:.1f}" for r in rows) + "; (c) "
+              + ", ".join(f"{r['arch']} {n_train / r['c_full_epoch_s']['median']:.1f}" for r in rows) + "; (d) full "
+              + ", ".join(f"{r['arch']} {n_train / r['d_ref_full_epoch_s']['median']:.1f}" for r in rows) + ".", ""]
+    lines += ["| arch | later cached epoch vs uncached epoch (target ≥ 20×) | "
+              f"{epochs} head epochs, whole runs: reference / cnnkit (target ≥ 5×) | full fine-tuning speed: cnnkit / "
+              "reference (target ≥ 0.95) |", "| --- | --- | --- | --- |"]
+    def verdict(s: dict, target: float) -> str:
+        return "met" if s["median"] >= target else f"missed by {(target - s['median']) / target:.0%}"
+
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['ratio_cache_later_vs_uncached']:.0f}× | "
-                     f"{r['ratio_ten_head_epochs_ref_vs_cnnkit']:.1f}× | {r['ratio_full_cnnkit_vs_ref_speed']:.2f} |")
+        cache, head, full = (r["ratio_cache_later_vs_uncached"], r["ratio_head_run_ref_vs_cnnkit"],
+                             r["ratio_full_cnnkit_vs_ref_speed"])
+        lines.append(f"| {r['arch']} | {fmt(cache, 0, '×')} ({verdict(cache, 20)}) | {fmt(head, 1, '×')} "
+                     f"({verdict(head, 5)}) | {fmt(full, 2)} ({verdict(full, 0.95)}) |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["resnet18", "densenet121"])
-    parser.add_argument("--train", type=int, default=160, help="training images")
-    parser.add_argument("--valid", type=int, default=40, help="validation images")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs of the cached head-only run (b)")
+    parser.add_argument("--data", type=Path, default=FLOWERS_MINI, help="DATA_DIR with train/ and valid/")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of the cached head-only run (b) and of (d) head-only")
     parser.add_argument("--uncached-epochs", type=int, default=2, help="epochs of (a)")
-    parser.add_argument("--full-epochs", type=int, default=3, help="epochs of (c) and of the reference's full run")
-    parser.add_argument("--ref-epochs", type=int, default=2, help="epochs of the reference's head-only run")
+    parser.add_argument("--full-epochs", type=int, default=2, help="epochs of (c) and of the reference's full run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of everything (medians, min–max)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers [default: cnnkit's default]")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "train_bench.json")
@@ -232,23 +230,25 @@ def main() -> None:
 
     logging.getLogger("cnnkit").setLevel(logging.WARNING)
     logging.getLogger("cnnkit").addHandler(logging.StreamHandler())
-    meta = {
-        "command": "python benchmarks/train_bench.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "torch": torch.__version__,
-        "images": f"{args.train} train + {args.valid} validation JPEGs, 500x375, 5 classes",
-    }
-    print(json.dumps(meta), flush=True)
+    n_train = len(list((args.data / "train").glob("*/*.jpg")))
+    n_valid = len(list((args.data / "valid").glob("*/*.jpg")))
+    started = time.time()
+    meta = {"command": "python benchmarks/train_bench.py " + " ".join(sys.argv[1:]), "machine_before": machine(),
+            "images": f"{args.data}: {n_train} train + {n_valid} validation photos"}
+    print(json.dumps(meta), file=sys.stderr, flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="cnnkit-train-bench-") as tmp:
-        work = Path(tmp)
-        data = make_dataset(work / "data", args.train, args.valid)
         for arch in args.archs:
-            rows.append(bench_arch(arch, data, work / arch, args))
+            rows.append(bench_arch(arch, args.data, Path(tmp) / arch, args))
+    meta["machine_after"] = machine()
+    meta["seconds"] = round(time.time() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print()
-    print(table(rows, args.train, args.epochs))
+    m = meta["machine_before"]
+    print(f"`{meta['command']}`: {meta['seconds']} s; {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+          f"{rows[0]['workers'] if rows else '?'} DataLoader workers; load average {m['load_avg_1m']:.2f} before, "
+          f"{meta['machine_after']['load_avg_1m']:.2f} after; {meta['images']}\n")
+    print(table(rows, n_train, args.epochs))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import EvaluateConfig, PredictConfig, TrainConfig
+from .config import EXPORT_FORMATS, PREDICT_FORMATS, EvaluateConfig, PredictConfig, TrainConfig
 from .errors import CnnkitError, ConfigError, PartialFailure, WorkerError, worker_death
 from .logs import setup_logging
 
@@ -245,7 +245,7 @@ def _split_seed_order(inputs: tuple[str, ...], checkpoint: str | None) -> tuple[
 @click.option("-c", "--checkpoint", type=click.Path(), default=None, help="A checkpoint written by cnnkit train, or a model exported with cnnkit export --format onnx.")
 @click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Classes to show per image (capped at the number of classes).")
 @names_option
-@click.option("-f", "--format", type=click.Choice(["table", "json", "jsonl", "csv"]), default=None, help="table for a terminal; json, jsonl and csv print clean data on stdout (logs go to stderr) [default: from --output's extension, else table].")
+@click.option("-f", "--format", type=click.Choice(PREDICT_FORMATS), default=None, help="table for a terminal; json, jsonl and csv print clean data on stdout (logs go to stderr) [default: from --output's extension, else table].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write CSV/JSONL/JSON to this file as results arrive, instead of stdout.")
 @click.option("--resume", is_flag=True, help="Skip inputs already in --output and append the rest (after an interruption).")
 @click.option("--force", is_flag=True, help="Replace an existing --output.")
@@ -334,10 +334,10 @@ def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **opt
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("checkpoint", type=click.Path())  # a folder: load_checkpoint says so
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--workers", type=int, default=None, help="gunicorn worker processes, each with its own copy of the model [default: one per core, up to 4].")
+@click.argument("checkpoint", type=click.Path(), required=False, envvar="CNNKIT_MODEL")  # or a folder holding one model
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="CNNKIT_HOST", show_envvar=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, envvar=["SAGEMAKER_BIND_TO_PORT", "CNNKIT_PORT"], show_envvar=True)
+@click.option("--workers", type=int, default=None, envvar="CNNKIT_WORKERS", show_envvar=True, help="gunicorn worker processes, each with its own copy of the model [default: one per core, up to 4].")
 @click.option("--threads", type=int, default=16, show_default=True, help="Request threads per worker: how many requests one worker can batch together.")
 @click.option("--max-batch", type=int, default=16, show_default=True, help="Most images in one forward pass.")
 @click.option("--max-wait-ms", type=float, default=5.0, show_default=True, help="How long a batch waits for requests still being decoded (never when none are).")
@@ -354,8 +354,11 @@ def serve(**options: Any) -> None:
     """Serve CHECKPOINT (or an exported .onnx) over HTTP with gunicorn, until Ctrl-C.
 
     POST /predict takes a multipart field "image" (one or more files) or JSON {"image":
-    "<base64>"} / {"images": [...]}, with top_k in the query or body; GET /health, /ready,
-    /metadata and /metrics (Prometheus) watch it. Needs the 'serve' extra.
+    "<base64>"} / {"images": [...]}, with top_k in the query or body; GET / is a page to try it
+    in a browser; GET /health, /ready, /metadata and /metrics (Prometheus) watch it. SageMaker's
+    contract is answered too: GET /ping, POST /invocations (also a raw image body). CHECKPOINT
+    may be a folder holding one model (SageMaker's /opt/ml/model), or come from $CNNKIT_MODEL.
+    Needs the 'serve' extra.
 
     \b
     Examples:
@@ -364,6 +367,9 @@ def serve(**options: Any) -> None:
     """
     from .config import ServeConfig
 
+    if not options.get("checkpoint"):
+        raise ConfigError("give the model to serve: CHECKPOINT (a checkpoint, an exported .onnx, or a folder "
+                          "holding one) or the CNNKIT_MODEL environment variable")
     cfg = ServeConfig(**options)  # before the heavy imports: a bad flag fails at once
     from .serve import serve as run_server
 
@@ -372,7 +378,7 @@ def serve(**options: Any) -> None:
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("checkpoint", type=click.Path())  # a folder: load_checkpoint says so
-@click.option("--format", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True, help="onnx (for ONNX Runtime, and cnnkit predict/serve) or torchscript (torch.jit.load).")
+@click.option("--format", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True, help="onnx (for ONNX Runtime, and cnnkit predict/serve) or torchscript (torch.jit.load).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="File to write [default: CHECKPOINT with .onnx or .torchscript.pt].")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Verify the export matches PyTorch (probabilities within 1e-4, same top-1).")

@@ -119,6 +119,14 @@ def psi(expected: Iterable[float], actual: Iterable[float]) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+def reference_confidence_mean(stats: Mapping[str, Any]) -> float:
+    """The reference's mean top-1 confidence, from its histogram (each bin at its midpoint: within
+    half a bin, 0.05, of the exact mean), for comparing live traffic's mean with."""
+    edges, shares = stats["confidence_edges"], stats["confidence_distribution"]
+    total = sum(shares)
+    return sum((lo + hi) / 2 * share for lo, hi, share in zip(edges, edges[1:], shares)) / total if total else 0.0
+
+
 def check_reference(stats: Any, num_classes: int) -> dict[str, Any] | None:
     """``stats`` if it is a usable reference for ``num_classes`` classes, else None (with a log line)."""
     if stats is None:

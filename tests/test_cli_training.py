@@ -3,6 +3,7 @@ says what caching implies, and --help stays instant."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -82,11 +83,15 @@ def test_lr_find_command(image_folder, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "cnnkit", "lr-find", str(image_folder), "--arch", "mobilenet_v3_small",
          "--weights", str(weights), "--image-size", "32", "--resize-size", "36", "--batch-size", "6",
-         "--workers", "0", "--device", "cpu", "--steps", "20", "--save-dir", str(tmp_path / "out")],
+         "--workers", "0", "--device", "cpu", "--hidden-units", "32", "--start-lr", "1e-5", "--steps", "60",
+         "--save-dir", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, timeout=180,
     )
     assert done.returncode == 0, done.stderr
     assert "smoothed loss" in done.stdout
-    assert "suggested learning rate" in done.stdout or "no suggestion" in done.stdout
+    # the seeded range test of test_lr_find.py, through the command: its loss falls, then rises
+    suggested = re.search(r"^suggested learning rate: (\S+) \(steepest descent", done.stdout, re.MULTILINE)
+    assert suggested and 1e-5 < float(suggested.group(1)) < 10.0, done.stdout
+    assert "no suggestion" not in done.stdout
     assert "feature caching on" in done.stderr
     assert (tmp_path / "out" / "lr_find.png").exists()

@@ -396,3 +396,21 @@ def test_load_history_drops_rows_past_the_checkpoint_and_cut_lines(tmp_path):
     assert load_history(str(path), upto=2) == rows[:2]
     assert load_history(str(path), upto=9) == rows
     assert load_history(str(tmp_path / "missing.jsonl"), upto=3) == []
+
+
+# --- a last.pt written before the redesign (tests/fixtures/pre_redesign/make.py) -------------
+
+PRE_REDESIGN = Path(__file__).resolve().parent / "fixtures" / "pre_redesign"
+
+
+def test_a_last_pt_written_before_the_redesign_resumes_as_the_old_code_finished_it(tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(PRE_REDESIGN / "run", run_dir)
+    cfg = TrainConfig(data_dir=str(PRE_REDESIGN / "data"), save_dir=str(run_dir), resume=str(run_dir / "last.pt"),
+                      workers=0, device="cpu", progress=False)
+    result = train(cfg)
+    expected = [json.loads(line) for line in (PRE_REDESIGN / "expected.jsonl").read_text().splitlines()]
+    assert strip_timing(result.history) == strip_timing(expected)  # epoch 1 from the file, 2 and 3 trained now
+    assert (result.epochs, result.fine_tune_from, result.stopped_early) == (3, 2, None)
+    last = load_checkpoint(run_dir / "last.pt").training_state
+    assert last["epoch"] == 3 and last["optimizer_phase"] == "fine-tune" and last["bad_epochs"] == 0

@@ -377,8 +377,19 @@ def test_weight_decay_spares_biases():
 
 def test_amp_on_the_cpu_trains_in_bfloat16(image_folder, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="cnnkit")
-    result = train(_config(image_folder, tmp_path, epochs=1, amp=True))
+    convolutions: list[tuple[bool, torch.dtype]] = []  # (grad mode, output dtype) of every Conv2d call
+
+    def record(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            convolutions.append((torch.is_grad_enabled(), output.dtype))
+
+    hook = nn.modules.module.register_module_forward_hook(record)
+    try:
+        result = train(_config(image_folder, tmp_path, epochs=1, amp=True))
+    finally:
+        hook.remove()
     assert "bfloat16 autocast" in caplog.text
+    assert {dtype for grad, dtype in convolutions if grad} == {torch.bfloat16}  # every training step's convolutions
     assert math.isfinite(result.history[0]["train_loss"])
     assert all(v.dtype != torch.bfloat16 for v in load_checkpoint(result.best_checkpoint).state_dict.values())
 

@@ -442,7 +442,9 @@ def after_epoch_one(image_folder, env, tmp_path_factory) -> Path:
     return save_dir
 
 
-@pytest.mark.parametrize("full_at", ["checkpoint", "metrics"])
+# The metrics.jsonl case (~30 s: a failed and a full resume) runs with -m slow; the default suite
+# keeps the checkpoint case, the atomic-write path a full disk must not corrupt.
+@pytest.mark.parametrize("full_at", ["checkpoint", pytest.param("metrics", marks=pytest.mark.slow)])
 def test_disk_full_in_training_keeps_the_checkpoints_and_the_run_resumes(
     image_folder, env, reference, after_epoch_one, tmp_path, full_at
 ):

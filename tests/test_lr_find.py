@@ -60,7 +60,10 @@ def test_range_test_on_cached_features_plots_and_suggests(image_folder, weights_
     assert 10 <= len(result.lrs) <= 60 and len(result.losses) == len(result.smoothed) == len(result.lrs)
     assert result.lrs == pytest.approx(lr_schedule(1e-5, 10.0, 60)[: len(result.lrs)])
     assert all(math.isfinite(v) for v in result.losses[:10])
-    assert result.suggestion is None or 1e-5 <= result.suggestion <= 10.0
+    # a seeded run whose smoothed loss falls before it rises: a suggestion, on the falling part
+    lowest = min(range(len(result.smoothed)), key=result.smoothed.__getitem__)
+    assert result.suggestion is not None and result.suggestion == suggest(result.lrs, result.smoothed)
+    assert result.lrs[0] < result.suggestion <= result.lrs[lowest]
     assert (tmp_path / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
     assert list((tmp_path / "feature_cache").glob("train-*.npy"))  # cnnkit train will reuse it
     assert not (tmp_path / "best.pt").exists()  # nothing else is written
@@ -68,3 +71,17 @@ def test_range_test_on_cached_features_plots_and_suggests(image_folder, weights_
     assert "learning rate" in text and "lr_find.png" in text
     with pytest.raises(OutputError, match="lr_find.png exists"):
         lr_find(LRFindConfig(train_cfg, steps=10))
+
+
+def test_many_passes_over_a_small_folder_share_one_loader_iterator(image_folder, tmp_path, monkeypatch):
+    """18 images in batches of 6 give 3 steps an epoch: 12 steps are 4 passes over the folder, in
+    one iterator, so its worker process starts once (it used to start again for every pass)."""
+    from torch.utils.data import DataLoader
+
+    iterators = []
+    real = DataLoader.__iter__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda self: iterators.append(self.num_workers) or real(self))
+    train_cfg = tiny_train_config(image_folder, tmp_path, workers=1)  # resnet18 from scratch, decoded images
+    result = lr_find(LRFindConfig(train_cfg, start_lr=1e-6, end_lr=1e-3, steps=12, plot=False))
+    assert len(result.losses) == 12 and not result.diverged
+    assert iterators == [1]  # one training iterator with its one worker; no validation pass

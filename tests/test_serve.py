@@ -545,3 +545,51 @@ def test_a_busy_worker_leaves_new_connections_to_an_idler_one(monkeypatch):
     assert slept == [pytest.approx(3 * serve_worker.ACCEPT_DELAY_PER_CONNECTION),
                      pytest.approx(10 * serve_worker.ACCEPT_DELAY_PER_CONNECTION)]
     assert accepted == ["2/0", "2/3", "2/50", "1/3"]  # every connection is still accepted
+
+
+def test_the_accept_delay_comes_from_the_environment(monkeypatch):
+    from cnnkit.serve.worker import ACCEPT_DELAY_PER_CONNECTION, accept_delay_per_connection
+
+    monkeypatch.delenv("CNNKIT_ACCEPT_DELAY_MS", raising=False)
+    assert accept_delay_per_connection() == ACCEPT_DELAY_PER_CONNECTION == 0.001
+    for value, seconds in [("0", 0.0), ("2.5", 0.0025)]:
+        monkeypatch.setenv("CNNKIT_ACCEPT_DELAY_MS", value)
+        assert accept_delay_per_connection() == pytest.approx(seconds)
+    for bad in ("-1", "soon", "nan"):
+        monkeypatch.setenv("CNNKIT_ACCEPT_DELAY_MS", bad)
+        with pytest.raises(ValueError, match="CNNKIT_ACCEPT_DELAY_MS"):
+            accept_delay_per_connection()
+
+
+def test_load_aware_accept_on_a_real_server(checkpoint, tmp_path):
+    """The same on a real 2-worker server, with a delay long enough to measure (CNNKIT_ACCEPT_DELAY_MS):
+    the worker holding a keep-alive connection leaves the next one to the idle worker, which answers
+    at once; with a connection in each worker, a new one waits the delay before either accepts it."""
+    import http.client
+
+    delay = 1.0
+    server = start_server(checkpoint, tmp_path / "server.log", workers=2,
+                          env_extra={"CNNKIT_ACCEPT_DELAY_MS": str(delay * 1000)})
+
+    def ready(connection: http.client.HTTPConnection) -> tuple[int, float]:
+        began = time.monotonic()
+        connection.request("GET", "/ready")  # HTTP/1.1: the connection is kept open afterwards
+        answer = connection.getresponse()
+        return json.loads(answer.read())["worker"], time.monotonic() - began
+
+    try:
+        for _ in range(3):
+            held = [http.client.HTTPConnection(server.host, server.port, timeout=30) for _ in range(3)]
+            try:
+                first, _ = ready(held[0])
+                second, took_second = ready(held[1])
+                time.sleep(delay + 0.2)  # the first worker's wait for the second connection is over
+                _, took_third = ready(held[2])
+            finally:
+                for connection in held:
+                    connection.close()
+            assert second != first and took_second < delay / 2, (first, second, took_second)
+            assert took_third >= delay, took_third
+            time.sleep(0.5)  # the closed connections leave both workers
+    finally:
+        server.stop()

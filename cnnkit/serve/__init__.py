@@ -17,6 +17,16 @@ Endpoints::
     GET  /metadata   classes, arch, preprocessing, checkpoint summary, serving limits
     GET  /metrics    Prometheus text format, all workers together (gunicorn multi-process mode)
     GET  /openapi.json  the OpenAPI 3 description of all of the above (``cnnkit/openapi.json``)
+    GET  /           a page to try the model in a browser (``page.html``: self-contained, offline)
+    GET  /ping       SageMaker's name for /ready
+    POST /invocations  SageMaker's name for /predict; also takes the image itself as the body
+                     (image/*, application/x-image, application/octet-stream), top_k in the query
+                     or in the X-Amzn-SageMaker-Custom-Attributes header (``top_k=3``)
+
+The model may be a folder holding one model file (``launcher.model_file``: SageMaker unpacks
+model.tar.gz into /opt/ml/model); ``cnnkit serve`` also reads it, the host, the port and the
+worker count from the environment (CNNKIT_MODEL, CNNKIT_HOST, CNNKIT_PORT or SageMaker's
+SAGEMAKER_BIND_TO_PORT, CNNKIT_WORKERS), so a container's only argument can be ``serve``.
 
 Errors are JSON ``{"error": "...", "status": N}``: 400 malformed request (bad JSON or base64, no
 image, empty image, bad top_k, a body that ends early or is malformed), 405, 404, 408 a request
@@ -36,11 +46,12 @@ so tests can check that an internal failure is a 500 and the worker goes on serv
 in production.
 
 The package, by layer (imports go one way: launcher → app → service → batcher and metrics;
-parsing and sizing are leaves that the others import; gunicorn loads the worker by name)::
+parsing, page and sizing are leaves that the others import; gunicorn loads the worker by name)::
 
     launcher.py  serve(cfg): checks, then gunicorn; gunicorn_options
     worker.py    BoundedThreadWorker (gunicorn gthread: request deadline, JSON errors, accept)
     app.py       create_app: Flask routes, JSON errors, the request log; openapi_spec
+    page.py      the browser page (page.html) and its Content-Security-Policy
     service.py   ModelService: image bytes → decode → batch → predict → encode → dict
     batcher.py   MicroBatcher          metrics.py  Prometheus metrics, the multi-process folder
     parsing.py   request parsing, HttpError, error_body

@@ -17,10 +17,12 @@ from typing import Any
 
 from ..config import ServeConfig
 from ..errors import require_extra
-from .parsing import TEST_FAULT_HEADER, HttpError, error_body, parse_predict_request
+from .page import page
+from .parsing import TEST_FAULT_HEADER, HttpError, error_body, parse_invocations_request, parse_predict_request
 from .service import ModelService
 
 request_log = logging.getLogger("cnnkit.serve.requests")
+PREDICT_PATHS = ("/predict", "/invocations")  # logged at INFO; /invocations is SageMaker's name for /predict
 
 
 def openapi_spec(cfg: ServeConfig | None = None) -> dict[str, Any]:
@@ -71,6 +73,7 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
         cfg = dataclasses.replace(config, checkpoint=os.fspath(checkpoint), **options)
     _setup_logging()
     service = ModelService(cfg)
+    service.metrics.declare(PREDICT_PATHS)
     spec = openapi_spec(cfg)
     app = Flask("cnnkit.serve")  # the name (and app.logger) it had before cnnkit.serve was a package
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_bytes
@@ -131,25 +134,42 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
         if g.get("traceback"):
             record["traceback"] = g.traceback
         line = json.dumps(record, ensure_ascii=False)
-        if response.status_code >= 500 and request.path != "/ready":
+        if response.status_code >= 500 and request.path not in ("/ready", "/ping"):
             request_log.error(line)
-        elif request.path == "/predict" or response.status_code >= 400:
+        elif request.path in PREDICT_PATHS or response.status_code >= 400:
             request_log.info(line)
         else:
             request_log.debug(line)
         return response
 
-    @app.post("/predict")
-    def predict() -> Response:
+    def scored(parse: Any) -> Response:
         started = g.started
         fault = service.test_hooks and request.headers.get(TEST_FAULT_HEADER) == "model"
 
         def read() -> tuple[list[tuple[str | None, bytes]], int]:
-            blobs, top_k = parse_predict_request(request, cfg)
+            blobs, top_k = parse(request, cfg)
             g.images = len(blobs)
             return blobs, top_k
 
         return jsonify(service.predict(read, started, fault))
+
+    @app.post("/predict")
+    def predict() -> Response:
+        return scored(parse_predict_request)
+
+    @app.post("/invocations")
+    def invocations() -> Response:
+        """SageMaker's inference contract: /predict, plus a raw image body (image/*, application/x-image)."""
+        return scored(parse_invocations_request)
+
+    @app.get("/")
+    def index() -> Response:
+        body, policy = page()
+        response = Response(body, content_type="text/html; charset=utf-8")
+        response.headers["Content-Security-Policy"] = policy
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
 
     @app.get("/health")
     def health() -> Response:
@@ -162,6 +182,8 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
                             "worker": service.worker})
         response.status_code = 200 if ok else 503
         return response
+
+    app.add_url_rule("/ping", "ping", ready, methods=["GET"])  # SageMaker's name for /ready
 
     @app.get("/metadata")
     def metadata() -> Response:

@@ -4,6 +4,7 @@ gunicorn (:func:`serve`), with the settings of :mod:`cnnkit.gunicorn_conf` and t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -12,7 +13,7 @@ import tempfile
 from typing import Any
 
 from ..config import ServeConfig
-from ..errors import CnnkitError, ConfigError, require_extra
+from ..errors import CheckpointError, CnnkitError, ConfigError, require_extra
 from ..models.exported import checkpoint_from_metadata, is_onnx_file, read_metadata
 from .app import create_app
 from .sizing import torch_threads, worker_count
@@ -44,7 +45,10 @@ def gunicorn_options(cfg: ServeConfig) -> dict[str, Any]:
 def _check_model(cfg: ServeConfig) -> str:
     """Fail fast, in the master, on a model file the workers could not load; a one-line summary.
 
-    Reads metadata only: no torch computation happens before gunicorn forks its workers.
+    No model runs before gunicorn forks its workers, and what torch does here (loading the
+    checkpoint hashes its weights, which copies channels-last tensors, as training saves them,
+    with a parallel loop) runs on one thread: a thread pool started in the master would not
+    survive the fork, and each worker would hang at its first parallel operation.
     """
     from ..data.folders import load_category_names
 
@@ -53,14 +57,46 @@ def _check_model(cfg: ServeConfig) -> str:
         ckpt = checkpoint_from_metadata(read_metadata(cfg.checkpoint), cfg.checkpoint)
         kind = "ONNX model"
     else:
+        import torch
+
         from ..models.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(cfg.checkpoint)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            ckpt = load_checkpoint(cfg.checkpoint)
+        finally:
+            torch.set_num_threads(threads)  # (sets the count only: no thread starts until a parallel loop)
         kind = "checkpoint"
     if cfg.category_names:
         load_category_names(cfg.category_names, ckpt.classes)
     drift = "with" if getattr(ckpt, "reference_stats", None) else "without"
     return f"{kind} {cfg.checkpoint}: {ckpt.arch}, {len(ckpt.classes)} classes, {drift} drift reference"
+
+
+MODEL_SUFFIXES = (".pt", ".pth", ".onnx")
+
+
+def model_file(path: str) -> str:
+    """``path``, or the model file in the folder ``path`` (SageMaker unpacks model.tar.gz into
+    /opt/ml/model): its only .pt/.pth/.onnx file, else its one ``model.*``, else its one ``best.*``."""
+    if not os.path.isdir(path):
+        return path
+    names = sorted(name for name in os.listdir(path) if name.endswith(MODEL_SUFFIXES) and not name.startswith(".")
+                   and os.path.isfile(os.path.join(path, name)))
+    if len(names) == 1:
+        return os.path.join(path, names[0])
+    for stem in ("model", "best"):
+        matches = [name for name in names if os.path.splitext(name)[0] == stem]
+        if len(matches) == 1:
+            return os.path.join(path, matches[0])
+        if matches:
+            break  # model.pt and model.onnx: which one is meant cannot be told
+    if not names:
+        raise CheckpointError(f"no model in the folder {path}: put a checkpoint (.pt) or an exported model (.onnx) "
+                              "there, or name the file")
+    raise CheckpointError(f"{len(names)} models in the folder {path} ({', '.join(names)}): name the file to serve, "
+                          "or call it model.pt")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -78,6 +114,7 @@ def serve(cfg: ServeConfig) -> None:
     require_extra("serve", "flask", "gunicorn", "prometheus_client")
     from gunicorn.app.base import BaseApplication
 
+    cfg = dataclasses.replace(cfg, checkpoint=model_file(cfg.checkpoint))
     summary = _check_model(cfg)
     _check_port(cfg.host, cfg.port)
 

@@ -55,8 +55,24 @@ class Metrics:
             self.drift_window = Gauge("cnnkit_drift_window_images",
                                       "Images in a worker's drift window (highest over workers).",
                                       multiprocess_mode="livemax", registry=r)
+            self.reference_confidence = Gauge(
+                "cnnkit_reference_confidence_mean",
+                "Mean top-1 probability on the model's validation set (reference statistics, bin midpoints).",
+                multiprocess_mode="livemax", registry=r)
+        self.workers_ready = Gauge("cnnkit_workers_ready",
+                                   "Workers whose model is loaded and warmed up (summed over live workers).",
+                                   multiprocess_mode="livesum", registry=r)
         self.model_info = Gauge("cnnkit_model_info", "The model served (value 1).", ["model_version", "arch", "backend"],
                                 multiprocess_mode="livemax", registry=r)
+
+    def declare(self, endpoints: tuple[str, ...], statuses: tuple[str, ...] = ("200", "500", "503")) -> None:
+        """Create the request series of ``endpoints`` at 0: a counter that first appears already
+        counting hides its first requests from rate(), and an absent 5xx series makes the error
+        ratio absent instead of 0."""
+        for endpoint in endpoints:
+            self.latency.labels(endpoint)
+            for status in statuses:
+                self.requests.labels(endpoint, status)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest

@@ -1,5 +1,6 @@
-"""The HTTP request side of serving: reading and parsing a ``/predict`` request into image bytes,
-and the errors a request gets (:class:`HttpError`, whose JSON body is :func:`error_body`).
+"""The HTTP request side of serving: reading and parsing a ``/predict`` or ``/invocations``
+request into image bytes, and the errors a request gets (:class:`HttpError`, whose JSON body is
+:func:`error_body`).
 
 A leaf of :mod:`cnnkit.serve`: the batcher, the model service, the app and the gunicorn worker
 raise and answer these errors; this module imports none of them.
@@ -17,6 +18,9 @@ from ..config import ServeConfig
 # The test hook's header (see :mod:`cnnkit.serve`): with CNNKIT_SERVE_TEST_HOOKS=1, a request
 # carrying ``X-Cnnkit-Test-Fault: model`` makes the model raise while scoring it.
 TEST_FAULT_HEADER = "X-Cnnkit-Test-Fault"
+# SageMaker's inference contract (/invocations): raw image bodies, and top_k in this header
+RAW_IMAGE_TYPES = ("application/x-image", "application/octet-stream")
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 
 
 class RequestTimeout(TimeoutError):
@@ -99,10 +103,57 @@ def _read_body(read: Callable[[], Any], timeout: float) -> Any:
         raise
 
 
-def parse_predict_request(request: Any, cfg: ServeConfig) -> tuple[list[tuple[str | None, bytes]], int]:
-    """``([(filename or None, bytes), ...], top_k)`` from a Flask request, or HttpError."""
+def _read_whole_body(request: Any, cfg: ServeConfig) -> bytes:
+    """The request's body as bytes, at most ``max_bytes`` of it (413 above), or HttpError."""
+    raw = _read_body(lambda: request.get_data(cache=False), cfg.timeout)
+    if request.content_length is None and len(raw) >= cfg.max_bytes and _read_body(
+            lambda: request.environ["wsgi.input"].read(1), cfg.timeout):
+        # A streamed (chunked) body: werkzeug stops reading at the limit and returns what it
+        # read, silently cut; one more byte means the body was over it.
+        raise HttpError(413, f"request body too large (limit {cfg.max_bytes:,} bytes, --max-bytes)")
+    return raw
+
+
+def is_raw_image_type(mimetype: str) -> bool:
+    """A body that is one image file as it is (``/invocations``): ``image/*``, SageMaker's
+    ``application/x-image``, or ``application/octet-stream``."""
+    return mimetype.startswith("image/") or mimetype in RAW_IMAGE_TYPES
+
+
+def sagemaker_top_k(header: str | None) -> str | None:
+    """``top_k`` from SageMaker's ``X-Amzn-SageMaker-Custom-Attributes`` header (``top_k=3``,
+    among other ``key=value`` pairs separated by commas or semicolons), or None."""
+    for item in (header or "").replace(";", ",").split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "top_k":
+            return value.strip()
+    return None
+
+
+def parse_invocations_request(request: Any, cfg: ServeConfig) -> tuple[list[tuple[str | None, bytes]], int]:
+    """``/invocations`` (SageMaker's contract): a raw image body, or whatever ``/predict`` takes.
+
+    ``top_k`` comes from the query string, else from ``X-Amzn-SageMaker-Custom-Attributes``
+    (SageMaker passes no query string; ``invoke_endpoint(CustomAttributes="top_k=3")`` sets it).
+    """
     mimetype = request.mimetype or ""
-    query_k = request.args.get("top_k")
+    query_k = request.args.get("top_k") or sagemaker_top_k(request.headers.get(CUSTOM_ATTRIBUTES_HEADER))
+    if is_raw_image_type(mimetype):
+        top_k = _parse_top_k(query_k, cfg.top_k)  # before the body: a bad top_k costs no upload
+        return [(None, _read_whole_body(request, cfg))], top_k
+    return parse_predict_request(request, cfg, query_k=query_k, raw_allowed=True)
+
+
+def parse_predict_request(request: Any, cfg: ServeConfig, query_k: str | None = None,
+                          raw_allowed: bool = False) -> tuple[list[tuple[str | None, bytes]], int]:
+    """``([(filename or None, bytes), ...], top_k)`` from a Flask request, or HttpError.
+
+    ``query_k`` replaces the query string's ``top_k`` (``/invocations``); ``raw_allowed`` only
+    changes the 415 message, which then names the raw image types too.
+    """
+    mimetype = request.mimetype or ""
+    if query_k is None:
+        query_k = request.args.get("top_k")
     if mimetype == "multipart/form-data":
         files = _read_body(lambda: request.files, cfg.timeout).getlist("image")
         if not files:
@@ -115,12 +166,7 @@ def parse_predict_request(request: Any, cfg: ServeConfig) -> tuple[list[tuple[st
         blobs = [(f.filename or None, f.read()) for f in files]
         return blobs, _parse_top_k(request.form.get("top_k", query_k), cfg.top_k)
     if mimetype == "application/json" or mimetype.endswith("+json"):
-        raw = _read_body(lambda: request.get_data(cache=False), cfg.timeout)
-        if request.content_length is None and len(raw) >= cfg.max_bytes and _read_body(
-                lambda: request.environ["wsgi.input"].read(1), cfg.timeout):
-            # A streamed (chunked) body: werkzeug stops reading at the limit and returns what it
-            # read, silently cut; one more byte means the body was over it.
-            raise HttpError(413, f"request body too large (limit {cfg.max_bytes:,} bytes, --max-bytes)")
+        raw = _read_whole_body(request, cfg)
         try:
             body = json.loads(raw)
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
@@ -144,5 +190,6 @@ def parse_predict_request(request: Any, cfg: ServeConfig) -> tuple[list[tuple[st
         blobs = [(None, _decode_base64(v, i, len(values))) for i, v in enumerate(values)]
         return blobs, _parse_top_k(body.get("top_k", query_k), cfg.top_k)
     shown = mimetype or "none"
+    raw = ", or the image itself as image/jpeg, image/png, ... or application/x-image" if raw_allowed else ""
     raise HttpError(415, f"unsupported content type {shown}: send multipart/form-data with an 'image' "
-                         "file field, or application/json with a base64 'image' or 'images'")
+                         f"file field, or application/json with a base64 'image' or 'images'{raw}")

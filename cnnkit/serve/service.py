@@ -19,7 +19,7 @@ import torch
 
 from ..config import ServeConfig
 from ..data.transforms import build_transforms, load_image
-from ..drift import SIGNALS, DriftMonitor, check_reference, image_brightness
+from ..drift import SIGNALS, DriftMonitor, check_reference, image_brightness, reference_confidence_mean
 from ..errors import ImageError
 from ..models.exported import model_version
 from .batcher import MicroBatcher
@@ -63,6 +63,9 @@ class ModelService:
         self.drift = DriftMonitor(reference, cfg.drift_window) if reference is not None else None
         self.metrics = metrics(drift=self.drift is not None)
         self.metrics.model_info.labels(self.model_version, ckpt.arch, self.backend).set(1)
+        self.metrics.workers_ready.set(0)  # 1 once warmed up (_warm_up)
+        if self.drift is not None:
+            self.metrics.reference_confidence.set(reference_confidence_mean(reference))
         self._drift_updated = 0.0
         self._drift_reported = False
         self._drift_lock = threading.Lock()
@@ -72,8 +75,12 @@ class ModelService:
             cfg.max_batch,
             cfg.max_wait_ms,
             on_batch=self._on_batch,
-            warmup=lambda: self._score(torch.zeros(1, 3, size, size)),
+            warmup=lambda: self._warm_up(size),
         ).start()
+
+    def _warm_up(self, size: int) -> None:
+        self._score(torch.zeros(1, 3, size, size))
+        self.metrics.workers_ready.set(1)  # (a failed warm-up raises first: the worker stays unready)
 
     def _score(self, batch: torch.Tensor) -> torch.Tensor:
         return self.predictor.probabilities(batch)

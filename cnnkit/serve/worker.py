@@ -5,12 +5,17 @@ itself, and load-aware accept.
 The class subclasses gunicorn's, and gunicorn is an optional extra, so it is defined on first use
 by :func:`bounded_worker_class`; ``cnnkit.serve.BoundedThreadWorker`` (its dotted name in
 :mod:`cnnkit.gunicorn_conf`) calls that.
+
+Environment: ``CNNKIT_ACCEPT_DELAY_MS`` (default 1) is how long a worker waits, per connection it
+holds (at most 10), before accepting a new one; ``0`` turns load-aware accept off (first come,
+first served), which ``benchmarks/serve_load.py`` uses to measure what it is worth.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,7 +27,23 @@ if TYPE_CHECKING:
     from .service import ModelService
 
 FIRST_BYTES_WAIT = 0.05  # seconds a new connection may take to send its first bytes before it is parked
-ACCEPT_DELAY_PER_CONNECTION = 0.001  # seconds; see BoundedThreadWorker.accept
+ACCEPT_DELAY_PER_CONNECTION = 0.001  # seconds, the default; see BoundedThreadWorker.accept
+ACCEPT_DELAY_ENV = "CNNKIT_ACCEPT_DELAY_MS"  # overrides it, in milliseconds (0: first come, first served)
+
+
+def accept_delay_per_connection() -> float:
+    """Seconds a worker waits per connection it holds before accepting: ``CNNKIT_ACCEPT_DELAY_MS``
+    (milliseconds) where set, else :data:`ACCEPT_DELAY_PER_CONNECTION`."""
+    value = os.environ.get(ACCEPT_DELAY_ENV, "").strip()
+    if not value:
+        return ACCEPT_DELAY_PER_CONNECTION
+    try:
+        delay = float(value) / 1000
+    except ValueError:
+        delay = -1.0
+    if not 0 <= delay < 60:  # (nan fails too)
+        raise ValueError(f"{ACCEPT_DELAY_ENV}={value!r}: give milliseconds, 0 or more (and under 60000)")
+    return delay
 
 
 class _HeaderTimeout(Exception):
@@ -122,6 +143,8 @@ def bounded_worker_class() -> type:
         New connections go preferably to the least busy worker (:meth:`accept`).
         """
 
+        accept_delay = accept_delay_per_connection()  # seconds per held connection, read once
+
         def _service(self) -> ModelService | None:
             extensions = getattr(getattr(self, "wsgi", None), "extensions", None)
             return extensions.get("cnnkit") if isinstance(extensions, dict) else None
@@ -137,8 +160,8 @@ def bounded_worker_class() -> type:
             # more images per forward pass than the others, and its requests make the latency
             # tail. A worker holding connections waits a moment per connection first, so the
             # least busy one usually wins (what nginx's accept_mutex does by lock instead).
-            if self.nr_conns and self.cfg.workers > 1:
-                time.sleep(ACCEPT_DELAY_PER_CONNECTION * min(self.nr_conns, 10))
+            if self.nr_conns and self.cfg.workers > 1 and self.accept_delay > 0:
+                time.sleep(self.accept_delay * min(self.nr_conns, 10))
             super().accept(listener)
 
         def handle(self, conn: Any) -> Any:
