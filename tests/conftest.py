@@ -141,16 +141,27 @@ def interrupted(trained, tmp_path_factory):
 # --- hygiene --------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _restore_cnnkit_logger():
-    """The CLI reconfigures the 'cnnkit' logger (own stderr handler, no propagation); undo it so
-    that caplog works in every test whatever ran before."""
+_PRISTINE_LOGGER = (lambda lg: (list(lg.handlers), lg.level, lg.propagate))(logging.getLogger("cnnkit"))
+
+
+def _reset_cnnkit_logger() -> None:
     logger = logging.getLogger("cnnkit")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    yield
+    handlers, level, propagate = _PRISTINE_LOGGER
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
+    logger.disabled = False  # logging.config with disable_existing_loggers (a tool under test)
+
+
+@pytest.fixture(autouse=True)
+def _restore_cnnkit_logger():
+    """The CLI reconfigures the 'cnnkit' logger (own stderr handler, no propagation); put it back
+    as it was when the suite started, before and after every test, so that caplog works whatever
+    ran before (a session fixture that ran the CLI in-process sets up before this fixture, so a
+    snapshot taken here could already be the CLI's)."""
+    _reset_cnnkit_logger()
+    yield
+    _reset_cnnkit_logger()
 
 
 @pytest.fixture(autouse=True)
