@@ -76,14 +76,7 @@ class Server:
 
     def records(self) -> list[dict]:
         """The server's JSON request log lines."""
-        found = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    found.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line still being written
-        return found
+        return request_records(self.log_text())
 
     def metrics(self) -> dict:
         answer = http(self.base, "GET", "/metrics")
@@ -184,3 +177,15 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def request_records(log_text: str) -> list[dict]:
+    """The JSON request log lines of a server's log (other lines skipped)."""
+    found = []
+    for line in log_text.splitlines():
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line still being written
+    return found

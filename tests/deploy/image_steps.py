@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from http_server import request_records
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -242,13 +244,7 @@ class Container:
 
     def server_errors(self) -> list[dict]:
         """The request log's 5xx lines (but /ready's and /ping's 503s while warming up)."""
-        records = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
+        records = request_records(self.log_text())
         return [r for r in records if r.get("status", 0) >= 500 and r.get("path") not in ("/ready", "/ping")]
 
     def stop(self) -> None:
