@@ -75,6 +75,21 @@ def machine() -> dict:
             "python": platform.python_version(), "load_avg_1m": load}
 
 
+def finish(results: dict, started: float, output: Path, table: str) -> None:
+    """Close a benchmark run: the machine after it, its wall time, ``output`` (JSON), and a
+    summary line and ``table`` (the markdown for RESULTS.md) on stdout."""
+    import json
+
+    results["machine_after"] = machine()
+    results["seconds"] = round(time.time() - started)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine_before"]
+    print(f"`{results['command']}`: {results['seconds']} s; {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
+          f"load average {m['load_avg_1m']:.2f} before, {results['machine_after']['load_avg_1m']:.2f} after\n")
+    print(table)
+
+
 def real_images(count: int | None = None, source: Path = FLOWERS_20) -> list[Path]:
     """The first ``count`` photos of ``source`` (train/, valid/, test/ in sorted path order)."""
     if not source.is_dir():

@@ -45,6 +45,7 @@ from limit import (  # noqa: E402
     CNNKIT,
     REPO,
     copy_images,
+    finish,
     machine,
     make_checkpoint,
     measure_limit,
@@ -284,14 +285,7 @@ def main() -> None:
             results["peak_rss_mb"] = bench_memory(work, args.rss_counts)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["machine_after"] = machine()
-    results["seconds"] = round(time.time() - started)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    m = results["machine_before"]
-    print(f"`{results['command']}`: {results['seconds']} s; {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
-          f"load average {m['load_avg_1m']:.2f} before, {results['machine_after']['load_avg_1m']:.2f} after\n")
-    print(markdown(results))
+    finish(results, started, args.output, markdown(results))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from limit import REPO, machine, make_checkpoint, measure_limit, real_images, subprocess_env, summary  # noqa: E402
+from limit import REPO, finish, machine, make_checkpoint, measure_limit, real_images, subprocess_env, summary  # noqa: E402
 
 HOST = "127.0.0.1"
 SERVERS = ["cnnkit-w1", "cnnkit-w2", "cnnkit-onnx-w2", "naive", "naive-gunicorn-w2"]
@@ -338,14 +338,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cnnkit-serve-bench-") as tmp:
         for arch in args.archs:
             results["archs"][arch] = bench_arch(arch, args, Path(tmp), payloads)
-    results["machine_after"] = machine()
-    results["seconds"] = round(time.time() - started)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    m = results["machine_before"]
-    print(f"`{results['command']}`: {results['seconds']} s; {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
-          f"load average {m['load_avg_1m']:.2f} before, {results['machine_after']['load_avg_1m']:.2f} after\n")
-    print(markdown(results))
+    finish(results, started, args.output, markdown(results))
 
 
 if __name__ == "__main__":

@@ -84,13 +84,7 @@ class Server:
         return metric_values(answer.text)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_server(checkpoint: Path, log: Path, *options: str, workers: int = 2, timeout: float = 20,
@@ -189,3 +183,14 @@ def request_records(log_text: str) -> list[dict]:
             except json.JSONDecodeError:
                 pass  # a line still being written
     return found
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it is still running 30 s later."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -17,14 +17,13 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from http_server import request_records
+from http_server import request_records, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,13 +247,7 @@ class Container:
         return [r for r in records if r.get("status", 0) >= 500 and r.get("path") not in ("/ready", "/ping")]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start(steps: ImageSteps, log: Path, port: int, **run_env: str) -> Container:
