@@ -3,7 +3,8 @@
 For each architecture, in one run on one machine:
 
 1. ``cnnkit serve`` with ``--workers 1`` and ``--workers 2`` (defaults otherwise; optionally the
-   ONNX export served with onnxruntime, ``--servers ... cnnkit-onnx-w2``), the naive
+   ONNX export served with onnxruntime, ``--servers ... cnnkit-onnx-w2``, or its int8 export,
+   ``cnnkit-int8-w2``: each compared with the torch checkpoint at the same concurrency), the naive
    tutorial-style server (``naive_server.py``: Flask's threaded server, one image per forward
    pass) and the same naive app under gunicorn with 2 sync workers; with ``--accept-delay-ms``,
    each cnnkit server once per value of ``CNNKIT_ACCEPT_DELAY_MS`` (0: first-come accept);
@@ -30,6 +31,7 @@ import http.client
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from limit import REPO, finish, machine, make_checkpoint, measure_limit, real_images, subprocess_env, summary  # noqa: E402
 
 HOST = "127.0.0.1"
-SERVERS = ["cnnkit-w1", "cnnkit-w2", "cnnkit-onnx-w2", "naive", "naive-gunicorn-w2"]
+SERVERS = ["cnnkit-w1", "cnnkit-w2", "cnnkit-onnx-w2", "cnnkit-int8-w1", "cnnkit-int8-w2", "naive", "naive-gunicorn-w2"]
 
 
 def free_port() -> int:
@@ -104,10 +106,7 @@ def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay
         env["CNNKIT_ACCEPT_DELAY_MS"] = accept_delay_ms
     if kind.startswith("cnnkit"):
         workers = kind.rsplit("-w", 1)[1]
-        model = checkpoint.with_suffix(".onnx") if "onnx" in kind else checkpoint
-        if "onnx" in kind and not model.exists():
-            subprocess.run([sys.executable, "-m", "cnnkit", "-q", "export", str(checkpoint), "-o", str(model)],
-                           check=True, stdout=subprocess.DEVNULL, env=env)
+        model = export_model(checkpoint, kind.split("-")[1], env)
         args = [sys.executable, "-m", "cnnkit", "serve", str(model), "--port", str(port),
                 "--workers", workers, "--device", "cpu"]
     elif kind == "naive":
@@ -123,6 +122,28 @@ def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay
         raise ValueError(kind)
     with open(log, "ab") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def export_model(checkpoint: Path, backend: str, env: dict[str, str]) -> Path:
+    """The model file a cnnkit server kind serves: the checkpoint, its ONNX export, or its int8
+    ONNX export (calibrated on 128 photos of flowers-20 that the load does not send; the weights
+    are random, so the accuracy half of the gate means nothing here and --ignore-gate keeps the
+    model whatever it says: this benchmark measures serving speed)."""
+    if backend not in ("onnx", "int8"):
+        return checkpoint
+    model = checkpoint.with_suffix(".int8.onnx" if backend == "int8" else ".onnx")
+    if model.exists():
+        return model
+    flags = []
+    if backend == "int8":
+        calibration = checkpoint.parent / "calibration"
+        calibration.mkdir(exist_ok=True)
+        for src in real_images()[-128:]:  # valid/'s last; the payloads are test/'s first
+            shutil.copyfile(src, calibration / f"{src.parent.name}_{src.name}")
+        flags = ["--int8", "--calibration-data", str(calibration), "--ignore-gate"]
+    subprocess.run([sys.executable, "-m", "cnnkit", "-q", "export", str(checkpoint), "-o", str(model), *flags],
+                   check=True, stdout=subprocess.DEVNULL, env=env)
+    return model
 
 
 def wait_ready(port: int, process: subprocess.Popen, payload, workers: int, timeout: float = 180) -> None:
@@ -262,7 +283,31 @@ def markdown(results: dict) -> str:
     if verdicts:
         out += verdicts + [""]
     out += delay_table(results)
+    backends = backend_table(results)
+    if backends:
+        out += [""] + backends
     return "\n".join(out)
+
+
+def backend_table(results: dict) -> list[str]:
+    """The ONNX Runtime servers (float, int8) against the torch checkpoint's, same workers and load."""
+    lines = []
+    for arch, r in results["archs"].items():
+        for name, levels in r["rows"].items():
+            base_name = name.replace("-onnx", "").replace("-int8", "")
+            if name == base_name or base_name not in r["rows"]:
+                continue
+            if not lines:
+                lines = ["| arch, server vs torch | conc. | req/s | ratio | p95 ms | errors |",
+                         "| --- | ---: | --- | ---: | --- | ---: |"]
+            for c, row in levels.items():
+                base = r["rows"][base_name].get(c)
+                if base is None:
+                    continue
+                lines.append(f"| {arch}, {name} vs {base_name} | {c} | {fmt(base['rps'], 2)} → {fmt(row['rps'], 2)} | "
+                             f"**{row['rps']['median'] / base['rps']['median']:.2f}×** | {fmt(base['p95_ms'])} → "
+                             f"{fmt(row['p95_ms'])} | {row['errors']} |")
+    return lines
 
 
 def verdict_table(results: dict) -> list[str]:
@@ -317,7 +362,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=["resnet18", "densenet121"])
     parser.add_argument("--servers", nargs="+", default=["cnnkit-w1", "cnnkit-w2", "naive", "naive-gunicorn-w2"],
-                        choices=SERVERS, help="cnnkit-onnx-w2 (not run by default) serves the ONNX export")
+                        choices=SERVERS, help="cnnkit-onnx-w2 and cnnkit-int8-w* (not run by default) serve the "
+                        "float and the int8 ONNX export")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=96, help="requests per run of a level")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each level (medians, min–max)")

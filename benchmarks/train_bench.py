@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from limit import FLOWERS_MINI, REPO, machine, summary  # noqa: E402
+from limit import FLOWERS_MINI, REPO, finish, machine, summary  # noqa: E402
 
 
 def weights_file(arch: str, folder: Path) -> Path:
@@ -233,23 +233,17 @@ def main() -> None:
     n_train = len(list((args.data / "train").glob("*/*.jpg")))
     n_valid = len(list((args.data / "valid").glob("*/*.jpg")))
     started = time.time()
-    meta = {"command": "python benchmarks/train_bench.py " + " ".join(sys.argv[1:]), "machine_before": machine(),
-            "images": f"{args.data}: {n_train} train + {n_valid} validation photos"}
-    print(json.dumps(meta), file=sys.stderr, flush=True)
+    results: dict = {"command": "python benchmarks/train_bench.py " + " ".join(sys.argv[1:]),
+                     "machine_before": machine(), "images": f"{args.data}: {n_train} train + {n_valid} validation photos"}
+    print(json.dumps(results["machine_before"]), file=sys.stderr, flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="cnnkit-train-bench-") as tmp:
         for arch in args.archs:
             rows.append(bench_arch(arch, args.data, Path(tmp) / arch, args))
-    meta["machine_after"] = machine()
-    meta["seconds"] = round(time.time() - started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    m = meta["machine_before"]
-    print(f"`{meta['command']}`: {meta['seconds']} s; {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-          f"{rows[0]['workers'] if rows else '?'} DataLoader workers; load average {m['load_avg_1m']:.2f} before, "
-          f"{meta['machine_after']['load_avg_1m']:.2f} after; {meta['images']}\n")
-    print(table(rows, n_train, args.epochs))
-
+    results["rows"] = rows
+    workers = rows[0]["workers"] if rows else "?"
+    finish(results, started, args.out,
+           f"{results['images']}; {workers} DataLoader workers\n\n{table(rows, n_train, args.epochs)}")
 
 if __name__ == "__main__":
     main()

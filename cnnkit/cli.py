@@ -15,14 +15,14 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import EXPORT_FORMATS, PREDICT_FORMATS, EvaluateConfig, PredictConfig, TrainConfig
+from .config import CALIBRATION_METHODS, EXPORT_FORMATS, PREDICT_FORMATS, EvaluateConfig, PredictConfig, TrainConfig
 from .errors import CnnkitError, ConfigError, PartialFailure, WorkerError, worker_death
 from .logs import setup_logging
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx")
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 data problem, 4 checkpoint problem, "
-    "5 weights unavailable, 6 output problem, 7 some inputs failed, 8 a worker process died, 130 interrupted, "
+    "5 weights unavailable, 6 output problem, 7 some inputs failed, 8 a worker process died, 9 quantized model failed its gate, 130 interrupted, "
     "141 output pipe closed."
 )
 
@@ -285,10 +285,12 @@ def predict(
 @click.argument("checkpoint", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def info(checkpoint: str, as_json: bool) -> None:
-    """Show a checkpoint's metadata: arch, classes, preprocessing, training summary."""
-    from .models.checkpoint import describe, format_description
+    """Show a checkpoint's or an exported model's metadata: arch, classes, preprocessing,
+    training summary, and for an int8 model its quantization and gate figures."""
+    from .models.checkpoint import format_description
+    from .models.exported import describe_model
 
-    meta = describe(checkpoint)
+    meta = describe_model(checkpoint)
     if as_json:
         click.echo(json.dumps(meta, indent=2, ensure_ascii=False))
         return
@@ -383,16 +385,28 @@ def serve(**options: Any) -> None:
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Verify the export matches PyTorch (probabilities within 1e-4, same top-1).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--int8", is_flag=True, help="Quantize to int8 (ONNX Runtime, static, QDQ) and keep it only if it passes the accuracy and speed gate.")
+@click.option("--calibration-data", type=click.Path(), default=None, help="With --int8: images like the training data (a folder, a labelled folder or a data root with train/ and valid/ or test/).")
+@click.option("--calibration-images", type=int, default=300, show_default=True, help="At most this many images calibrate the activation ranges.")
+@click.option("--gate-images", type=int, default=500, show_default=True, help="At most this many held-out images measure the gate.")
+@click.option("--calibration-method", type=click.Choice(CALIBRATION_METHODS), default="minmax", show_default=True, help="How activation ranges are set from the calibration images.")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="Percentage points of top-1 accuracy the int8 model may lose (unlabelled images: of agreement with the float model).")
+@click.option("--min-speedup", type=float, default=1.2, show_default=True, help="The int8 model must be this many times as fast as the faster float runtime, measured here.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which images calibrate and which are held out.")
+@click.option("--ignore-gate", is_flag=True, help="With --int8: keep the model even if it fails the gate (its metadata says it failed).")
 def export(**options: Any) -> None:
     """Export CHECKPOINT as a standalone model: softmax probabilities out, any batch size.
 
     Class names and preprocessing travel in the file (ONNX metadata_props, TorchScript extra
-    file cnnkit.json). The ONNX format needs the 'export' extra.
+    file cnnkit.json). The ONNX format needs the 'export' extra. With --int8 the ONNX model is
+    quantized, calibrated on --calibration-data, then measured on held-out images against the
+    float model; it is written only if it passes that gate (exit code 9 otherwise).
 
     \b
     Examples:
       cnnkit export checkpoints/best.pt --format onnx
       cnnkit predict flower.jpg -c checkpoints/best.onnx --top-k 3
+      cnnkit export checkpoints/best.pt --int8 --calibration-data data/flowers-mini
     """
     from .config import ExportConfig
 
@@ -400,6 +414,9 @@ def export(**options: Any) -> None:
     from .export import export as run_export
 
     result = run_export(cfg)
-    click.echo(f"wrote {result.path} ({result.format}, {result.bytes / 1e6:.1f} MB) in {result.seconds:.1f}s")
+    click.echo(f"wrote {result.path} ({result.format}{', int8' if cfg.int8 else ''}, {result.bytes / 1e6:.1f} MB) "
+               f"in {result.seconds:.1f}s")
     if result.parity is not None:
         click.echo(str(result.parity))
+    if result.gate is not None:
+        click.echo(str(result.gate))

@@ -23,6 +23,7 @@ CLASS_WEIGHTS = ("none", "balanced")
 DEFAULT_EPOCHS = 5
 SAMPLERS = ("shuffle", "balanced")
 PREDICT_FORMATS = ("table", "json", "jsonl", "csv")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 _T = TypeVar("_T")
 
@@ -346,6 +347,15 @@ class ExportConfig(Serializable):
     opset: int = 17  # ONNX opset
     check: bool = True  # verify parity with PyTorch after export
     force: bool = False  # overwrite an existing output
+    int8: bool = False  # static int8 quantization (ONNX Runtime, QDQ), kept only if it passes the gate
+    ignore_gate: bool = False  # keep the int8 model even when it fails the gate (its figures say so)
+    calibration_data: str | None = None  # images to calibrate and gate on (a folder or a data root)
+    calibration_images: int = 300  # at most this many calibrate the activation ranges
+    gate_images: int = 500  # at most this many held-out images measure the gate
+    calibration_method: str = "minmax"
+    max_accuracy_drop: float = 1.0  # percentage points of top-1 accuracy the int8 model may lose
+    min_speedup: float = 1.2  # the int8 model must be this many times faster than the faster float one
+    seed: int = 0  # which images calibrate and which are held out
 
     def __post_init__(self) -> None:
         _check(bool(self.checkpoint), "give the checkpoint to export")
@@ -355,6 +365,22 @@ class ExportConfig(Serializable):
         )
         _check(self.output is None or bool(self.output), "--output must not be empty")
         _check(11 <= self.opset <= 20, f"--opset must be between 11 and 20, got {self.opset}")
+        if self.int8:
+            _check(self.format == "onnx", "--int8 needs --format onnx (TorchScript is exported as float32 only)")
+            _check(bool(self.calibration_data), "--int8 needs --calibration-data DIR: images like the training data")
+            _check(self.check, "--int8 needs the parity check of the float export: drop --no-check")
+        else:
+            _check(self.calibration_data is None, "--calibration-data is only used with --int8")
+            _check(not self.ignore_gate, "--ignore-gate is only used with --int8")
+        _check(self.calibration_images >= 1, f"--calibration-images must be at least 1, got {self.calibration_images}")
+        _check(self.gate_images >= 1, f"--gate-images must be at least 1, got {self.gate_images}")
+        _check(
+            self.calibration_method in CALIBRATION_METHODS,
+            f"--calibration-method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration_method!r}",
+        )
+        _check(0 <= self.max_accuracy_drop <= 100,
+               f"--max-accuracy-drop is in percentage points, 0 to 100, got {self.max_accuracy_drop}")
+        _check(self.min_speedup >= 0, f"--min-speedup must be 0 or more, got {self.min_speedup}")
 
 
 @dataclass(frozen=True)

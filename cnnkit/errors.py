@@ -12,6 +12,7 @@ Exit codes (also listed in the README):
 6     output problem (would overwrite without --force, unwritable directory, disk full)
 7     some inputs could not be scored (the others were)
 8     a worker process died (killed, out of memory, crashed); what was written is kept
+9     a quantized model failed its accuracy or speed gate; nothing was written
 130   interrupted (Ctrl-C)
 ====  ==========================================================
 """
@@ -68,6 +69,12 @@ class WorkerError(CnnkitError):
     written before is kept."""
 
     exit_code = 8
+
+
+class GateError(CnnkitError):
+    """A quantized model lost too much accuracy or was not fast enough; nothing was written."""
+
+    exit_code = 9
 
 
 class Interrupted(CnnkitError):

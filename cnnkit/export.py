@@ -41,12 +41,13 @@ from .models.exported import (
     model_version,
     onnx_props,
 )
+from .quantize import GateReport, quantize_gated
 
 log = logging.getLogger(__name__)
 
 PARITY_ATOL = 1e-4  # max abs difference of probabilities allowed between PyTorch and the export
 PARITY_BATCHES = (1, 5)  # batch sizes checked; neither is the traced one, so the batch dim is tested
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "onnx-int8": ".int8.onnx"}
 
 
 class ProbabilityModel(nn.Module):
@@ -94,12 +95,13 @@ class ExportResult:
     bytes: int
     seconds: float
     parity: ParityReport | None
+    gate: GateReport | None = None  # with --int8: what the quantized model measured
 
 
-def default_output(checkpoint: str, fmt: str) -> str:
-    """``runs/best.pt`` → ``runs/best.onnx`` or ``runs/best.torchscript.pt``."""
+def default_output(checkpoint: str, fmt: str, int8: bool = False) -> str:
+    """``runs/best.pt`` → ``runs/best.onnx``, ``runs/best.int8.onnx`` or ``runs/best.torchscript.pt``."""
     stem, ext = os.path.splitext(checkpoint)
-    return (stem if ext.lower() in (".pt", ".pth", ".ckpt") else checkpoint) + SUFFIXES[fmt]
+    return (stem if ext.lower() in (".pt", ".pth", ".ckpt") else checkpoint) + SUFFIXES[fmt + "-int8" * int8]
 
 
 def export(cfg: ExportConfig) -> ExportResult:
@@ -107,11 +109,12 @@ def export(cfg: ExportConfig) -> ExportResult:
 
     The file is written beside its destination under a temporary name and moved into place only
     when the parity check passes, so a failed export leaves nothing behind and never replaces an
-    earlier file.
+    earlier file. With ``cfg.int8`` the file written is the int8 model, and only when it passes
+    its gate (:mod:`cnnkit.quantize`).
     """
     if cfg.format == "onnx":
         require_extra("export", "onnx", "onnxruntime")
-    output = cfg.output or default_output(cfg.checkpoint, cfg.format)
+    output = cfg.output or default_output(cfg.checkpoint, cfg.format, cfg.int8)
     ckpt = load_checkpoint(cfg.checkpoint)
     if os.path.exists(output):
         if os.path.isdir(output):
@@ -129,12 +132,10 @@ def export(cfg: ExportConfig) -> ExportResult:
     size = ckpt.preprocess.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
+    tmp = int8 = gate = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
-    try:
+        tmp = _temporary(output, folder)
+        int8 = _temporary(output, folder, ".int8") if cfg.int8 else None
         with torch.inference_mode(False), torch.no_grad():
             if cfg.format == "onnx":
                 _export_onnx(reference, example, tmp, meta, cfg.opset)
@@ -143,15 +144,31 @@ def export(cfg: ExportConfig) -> ExportResult:
         parity = check_parity(reference, tmp, cfg.format, size) if cfg.check else None
         if parity is not None and not parity.ok:
             raise CnnkitError(f"{parity}; nothing was written (please report this exporter problem)")
-        os.replace(tmp, output)
+        if int8 is not None:
+            gate = quantize_gated(cfg, ckpt, tmp, int8, meta)
+        os.replace(int8 or tmp, output)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, int8):
+            if path is not None and os.path.exists(path):
+                os.unlink(path)
     seconds = time.perf_counter() - start
-    log.info("exported %s to %s (%s) in %.1fs", cfg.checkpoint, output, cfg.format, seconds)
-    return ExportResult(output, cfg.format, os.path.getsize(output), seconds, parity)
+    log.info("exported %s to %s (%s%s) in %.1fs", cfg.checkpoint, output, cfg.format, ", int8" * cfg.int8, seconds)
+    return ExportResult(output, cfg.format, os.path.getsize(output), seconds, parity, gate)
+
+
+def _temporary(output: str, folder: str, tag: str = "") -> str:
+    """A new empty file beside ``output``, moved into place once it is complete."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=f".{os.path.basename(output)}{tag}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from a server's other user
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    return path
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, meta: Mapping[str, Any], opset: int) -> None:

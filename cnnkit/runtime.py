@@ -31,6 +31,24 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def has_vnni() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI); without
+    them, u8 x s8 products can saturate, so int8 weights keep 7 bits (``reduce_range``)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def default_workers(requested: int | None) -> int:
     """DataLoader worker processes: as asked, else one per core up to 4."""
     if requested is not None:

@@ -221,3 +221,11 @@ def test_default_output_names():
 def test_export_config_names_the_flag_to_fix(values, flag):
     with pytest.raises(ConfigError, match=flag):
         ExportConfig("m.pt", **values)
+
+
+def test_info_describes_an_export_from_its_metadata(onnx_export, torchscript_export, checkpoint, cli_env):
+    for exported, kind in ((onnx_export, "onnx"), (torchscript_export, "torchscript")):
+        result = run_cli(["info", exported.path], cli_env)
+        assert result.returncode == 0, result.stderr
+        assert f"({kind}, float32, sha256:" in result.stdout and "exported from sha256:" in result.stdout
+        assert "Red fox" in result.stdout and "int8" not in result.stdout

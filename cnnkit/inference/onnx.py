@@ -37,6 +37,8 @@ class OnnxBackend:
         self.metadata = parse_onnx_props(self.session.get_modelmeta().custom_metadata_map)
         self.checkpoint = checkpoint_from_metadata(self.metadata, path)
         self.input_name = self.session.get_inputs()[0].name
+        self.quantization = self.metadata.get("quantization")  # settings and gate of an int8 export
+        self.name = "onnxruntime-int8" if self.quantization else "onnxruntime"
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities for a batch of preprocessed images (a CPU float32 tensor)."""

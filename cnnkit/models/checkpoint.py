@@ -300,9 +300,19 @@ def format_description(meta: dict[str, Any]) -> str:
     summary = meta["summary"]
     pre = meta["preprocess"]
     head = meta["head"]
-    lines = [
-        f"checkpoint   {meta['path']} (format {meta['format_version']}{', resumable' if meta['resumable'] else ''})",
-        f"arch         {meta['arch']}, {meta['parameters']:,} parameters",
+    export = meta.get("export")
+    if export is None:
+        lines = [
+            f"checkpoint   {meta['path']} (format {meta['format_version']}{', resumable' if meta['resumable'] else ''})",
+            f"arch         {meta['arch']}, {meta['parameters']:,} parameters",
+        ]
+    else:
+        lines = [
+            f"model        {meta['path']} ({export['format']}, {export['precision']}, {export['model_version']}; "
+            f"exported from {export['source_model_version'] or 'an unknown checkpoint'})",
+            f"arch         {meta['arch']}",
+        ]
+    lines += [
         f"head         {head['in_features']} -> {head['hidden_units'] or '-'} hidden (dropout {head['dropout']}) -> {head['num_classes']} classes",
         f"preprocess   resize {pre['resize_size']}, crop {pre['image_size']}, {pre['interpolation']}, mean {list(pre['mean'])}, std {list(pre['std'])}",
     ]
@@ -317,6 +327,17 @@ def format_description(meta: dict[str, Any]) -> str:
         lines.append("calibration  " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" if isinstance(v, float) else
                                                  f"{k.replace('_', ' ')} {v}" for k, v in calibration.items()))
     lines.append(f"drift ref    {'stored (cnnkit serve reports drift)' if meta.get('drift_reference') else 'none'}")
+    quantization = meta.get("quantization")
+    if quantization:
+        gate = quantization["gate"]
+        lines.append(f"int8         {quantization['method']}, {quantization['calibration_method']} calibration on "
+                     f"{quantization['calibration_images']} images, reduce_range {quantization['reduce_range']}")
+        accuracy = (f"top-1 {gate['float_accuracy']:.2%} float -> {gate['int8_accuracy']:.2%} int8"
+                    if gate["labelled"] else "unlabelled")
+        lines.append(f"gate         {'passed' if gate['passed'] else 'FAILED (kept with --ignore-gate)'} on {gate['images']} "
+                     f"held-out images: {accuracy}, agreement {gate['agreement']:.2%}, {gate['speedup']:.2f}x the "
+                     f"faster float runtime ({gate['int8_img_s']:.1f} vs {gate['torch_img_s']:.1f} torch, "
+                     f"{gate['onnx_img_s']:.1f} ONNX img/s, batch {gate['batch_size']}, {gate['threads']} threads)")
     lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     lines.append(f"classes      {len(meta['classes'])}")
     lines += [f"  {c['label']:>12}  {c['name']}" for c in meta["classes"]]

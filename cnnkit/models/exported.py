@@ -109,6 +109,33 @@ def parse_onnx_props(props: Mapping[str, str]) -> dict[str, Any]:
     return meta
 
 
+def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``cnnkit info`` shows of a checkpoint or of an exported model (ONNX, TorchScript)."""
+    from .checkpoint import describe
+
+    path = os.fspath(path)
+    if not (is_onnx_file(path) or path.endswith(".torchscript.pt")):
+        return describe(path)
+    meta = read_metadata(path)
+    ckpt = checkpoint_from_metadata(meta, path)  # refuses files cnnkit did not export
+    quantization = meta.get("quantization")
+    return {
+        "path": path,
+        "export": {"format": "onnx" if is_onnx_file(path) else "torchscript", "model_version": model_version(path),
+                   "source_model_version": meta.get("source_model_version"),
+                   "precision": "int8" if quantization else "float32"},
+        "arch": ckpt.arch,
+        "head": ckpt.head.to_dict(),
+        "classes": [{"label": c, "name": ckpt.name_of(c)} for c in ckpt.classes],
+        "preprocess": ckpt.preprocess.to_dict(),
+        "summary": ckpt.summary,
+        "versions": ckpt.versions,
+        "calibration": dict(meta.get("calibration") or {}),
+        "drift_reference": bool(ckpt.reference_stats),
+        "quantization": quantization,
+    }
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The cnnkit metadata of an exported ONNX or TorchScript file."""
     path = os.fspath(path)

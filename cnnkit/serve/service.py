@@ -51,7 +51,8 @@ class ModelService:
         torch.set_num_threads(self.torch_threads)  # before the model (and ONNX Runtime) is set up
         self.predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names)
         ckpt = self.predictor.checkpoint
-        self.backend = "onnxruntime" if getattr(self.predictor, "backend", None) is not None else "torch"
+        exported = self.predictor.backend
+        self.backend = exported.name if exported is not None else "torch"  # onnxruntime, onnxruntime-int8
         self.model_version = model_version(cfg.checkpoint)
         self.max_pixels = min(cfg.max_pixels, ckpt.preprocess.max_pixels)
         self.transform = build_transforms(dataclasses.replace(ckpt.preprocess, max_pixels=self.max_pixels), train=False)
@@ -176,8 +177,9 @@ class ModelService:
         return {
             "model_version": self.model_version,
             "model_file": os.path.basename(self.cfg.checkpoint),
-            "format": "onnx" if self.backend == "onnxruntime" else "checkpoint",
+            "format": "onnx" if self.predictor.backend is not None else "checkpoint",
             "backend": self.backend,
+            "quantization": self.predictor.backend.quantization if self.predictor.backend is not None else None,
             "arch": ckpt.arch,
             "num_classes": len(self.predictor.classes),
             "classes": [{"index": i, "label": c, "name": self.predictor.names.get(c, c)}
