@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from .config import ExportConfig
 from .data.folders import ImageDataset, collate, expand_inputs, scan_image_folder
+from .data.transforms import build_transforms
 from .errors import CnnkitError, DataError, GateError, first_line, require_extra
 from .inference.onnx import OnnxBackend
 from .inference.predictor import Predictor, scoring_defaults
@@ -120,8 +121,6 @@ def _images(folder: str) -> list[str]:
 def batches(ckpt: Checkpoint, paths: Sequence[str], batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
     """Preprocessed batches of ``paths`` (the checkpoint's eval pipeline) and each image's index;
     images that cannot be decoded are left out, with one warning for them all."""
-    from .data.transforms import build_transforms
-
     dataset = ImageDataset(list(paths), build_transforms(ckpt.preprocess, train=False),
                            max_pixels=ckpt.preprocess.max_pixels)
     bad = 0
