@@ -71,8 +71,8 @@ def trained(arch: str, size: int, epochs: int) -> tuple[Path, dict]:
     from cnnkit.models.checkpoint import load_checkpoint
 
     info = json.loads(record.read_text()) if record.exists() else {}
-    summary_ = load_checkpoint(best).summary
-    return best, {**info, "best_val_acc": summary_.get("best_val_acc"), "best_epoch": summary_.get("best_epoch")}
+    outcome = load_checkpoint(best).summary
+    return best, {**info, "best_val_acc": outcome.get("best_val_acc"), "best_epoch": outcome.get("best_epoch")}
 
 
 def export_int8(ckpt: Path, output: Path, calibration: Path, extra: list[str]) -> dict:

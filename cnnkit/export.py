@@ -39,7 +39,7 @@ from .models.exported import (
     export_metadata,
     load_torchscript,
     model_version,
-    onnx_props,
+    set_onnx_metadata,
 )
 from .quantize import GateReport, quantize_gated
 
@@ -194,8 +194,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, meta: Mappi
         except Exception as exc:
             raise CnnkitError(f"ONNX export failed (opset {opset}): {first_line(exc)}") from None
     proto = onnx.load(path)
-    for key, value in onnx_props(meta).items():
-        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    set_onnx_metadata(proto, meta)
     proto.doc_string = f"cnnkit {meta['arch']} classifier: {meta['input']} -> {meta['output']}"
     onnx.checker.check_model(proto)
     onnx.save(proto, path)

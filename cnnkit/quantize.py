@@ -36,7 +36,7 @@ from .errors import CnnkitError, DataError, GateError, first_line, require_extra
 from .inference.onnx import OnnxBackend
 from .inference.predictor import Predictor, scoring_defaults
 from .models.checkpoint import Checkpoint
-from .models.exported import INPUT_NAME, onnx_props
+from .models.exported import INPUT_NAME, set_onnx_metadata
 from .runtime import has_vnni
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ def gate_images(data_dir: str, classes: Sequence[str], calibration: int, held_ou
         rng.shuffle(order)
         half = len(order) // 2
         calib = [paths[i] for i in sorted(order[half:])]
-        gate = [paths[i] for i in sorted(order[:half])]
-        labels = [labels[i] for i in sorted(order[:half])] if labels is not None else None
+        held = sorted(order[:half])
+        gate = [paths[i] for i in held]
+        labels = [labels[i] for i in held] if labels is not None else None
         where = f"{data_dir} split in two halves (seed {seed})"
     calib = sorted(rng.sample(calib, calibration)) if len(calib) > calibration else calib
     if len(gate) > held_out:
@@ -93,29 +94,26 @@ def gate_images(data_dir: str, classes: Sequence[str], calibration: int, held_ou
 
 
 def _is_labelled(folder: str, classes: Sequence[str]) -> bool:
-    """Whether ``folder``'s sub-folders are class folders: all named as classes of the model
-    (none: plain images, in folders or not; some: a mistake worth stopping for)."""
-    subfolders = {e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")}
-    known = subfolders & set(classes)
-    if known and known != subfolders:
-        unknown = sorted(subfolders - known)
-        raise DataError(f"--calibration-data {folder} has class folders the model does not know: "
-                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
-    return bool(known)
+    """Whether ``folder``'s sub-folders are class folders: any of them named as a class of the
+    model (none: plain images, in folders or not; :func:`_labelled` refuses the others)."""
+    return any(e.is_dir() and e.name in classes for e in os.scandir(folder))
 
 
 def _labelled(folder: str, classes: Sequence[str]) -> tuple[list[str], list[int]]:
-    _is_labelled(folder, classes)  # refuses unknown class folders
     names, samples = scan_image_folder(folder)
-    index = {name: classes.index(name) for name in names}
-    return [p for p, _ in samples], [index[names[i]] for _, i in samples]
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise DataError(f"--calibration-data {folder} has class folders the model does not know: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    index = [classes.index(name) for name in names]
+    return [p for p, _ in samples], [index[i] for _, i in samples]
 
 
 def _images(folder: str) -> list[str]:
-    found = list(expand_inputs([folder]))
+    found = list(expand_inputs([folder]))  # recursed, images only, sorted
     if not found:
         raise DataError(f"--calibration-data {folder} has no images")
-    return sorted(found)
+    return found
 
 
 def batches(ckpt: Checkpoint, paths: Sequence[str], batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
@@ -291,9 +289,6 @@ def quantize_gated(cfg: ExportConfig, ckpt: Checkpoint, float_path: str, int8_pa
     if not report.passed:
         log.warning("int8: keeping a model that failed its gate (--ignore-gate): %s", "; ".join(report.failures))
     proto = onnx.load(int8_path)
-    del proto.metadata_props[:]
-    quantization = {**settings, "data": images.description, "cpu_vnni": has_vnni(), "gate": report.to_dict()}
-    for key, value in onnx_props({**meta, "quantization": quantization}).items():
-        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    set_onnx_metadata(proto, {**meta, "quantization": {**settings, "data": images.description, "gate": report.to_dict()}})
     onnx.save(proto, int8_path)
     return report

@@ -215,6 +215,15 @@ def test_class_folders_the_model_does_not_know_are_refused(flat_folder, tmp_path
         gate_images(str(data), CLASSES, 300, 500, seed=0)
 
 
+def test_a_data_root_of_other_classes_is_refused(image_folder, tmp_path):
+    data = Path(shutil.copytree(image_folder, tmp_path / "data"))
+    for split in ("train", "valid"):
+        for folder in (data / split).iterdir():
+            folder.rename(folder.with_name(f"not-{folder.name}"))
+    with pytest.raises(DataError, match="class folders the model does not know: not-blue"):
+        gate_images(str(data), CLASSES, 300, 500, seed=0)
+
+
 def test_too_few_calibration_images_are_refused(tmp_path):
     (tmp_path / "one.png").write_bytes(image_bytes(seed=1))
     with pytest.raises(DataError, match="at least 2 images"):

@@ -279,17 +279,24 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     n_params = sum(t.numel() for t in ckpt.state_dict.values() if t.is_floating_point())
     return {
-        "path": os.fspath(path),
+        **description_fields(ckpt, path),
         "format_version": FORMAT_VERSION,
+        "parameters": n_params,
+        "train_config": ckpt.train_config,
+        "resumable": ckpt.training_state is not None,
+    }
+
+
+def description_fields(ckpt: Checkpoint, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``cnnkit info`` shows of any model, checkpoint or export (:func:`format_description`)."""
+    return {
+        "path": os.fspath(path),
         "arch": ckpt.arch,
         "head": ckpt.head.to_dict(),
-        "parameters": n_params,
         "classes": [{"label": c, "name": ckpt.name_of(c)} for c in ckpt.classes],
         "preprocess": ckpt.preprocess.to_dict(),
         "summary": ckpt.summary,
-        "train_config": ckpt.train_config,
         "versions": ckpt.versions,
-        "resumable": ckpt.training_state is not None,
         "calibration": dict(ckpt.calibration),
         "drift_reference": bool(ckpt.reference_stats),
     }

@@ -98,6 +98,15 @@ def onnx_props(meta: Mapping[str, Any]) -> dict[str, str]:
     return {f"cnnkit.{key}": json.dumps(value, ensure_ascii=False) for key, value in meta.items()}
 
 
+def set_onnx_metadata(proto: Any, meta: Mapping[str, Any]) -> None:
+    """Replace an ``onnx.ModelProto``'s ``metadata_props`` with ``meta`` (as :func:`onnx_props`)."""
+    import onnx
+
+    del proto.metadata_props[:]
+    for key, value in onnx_props(meta).items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+
+
 def parse_onnx_props(props: Mapping[str, str]) -> dict[str, Any]:
     meta = {}
     for key, value in props.items():
@@ -111,7 +120,7 @@ def parse_onnx_props(props: Mapping[str, str]) -> dict[str, Any]:
 
 def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``cnnkit info`` shows of a checkpoint or of an exported model (ONNX, TorchScript)."""
-    from .checkpoint import describe
+    from .checkpoint import describe, description_fields
 
     path = os.fspath(path)
     if not (is_onnx_file(path) or path.endswith(".torchscript.pt")):
@@ -120,18 +129,11 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     ckpt = checkpoint_from_metadata(meta, path)  # refuses files cnnkit did not export
     quantization = meta.get("quantization")
     return {
-        "path": path,
+        **description_fields(ckpt, path),
         "export": {"format": "onnx" if is_onnx_file(path) else "torchscript", "model_version": model_version(path),
                    "source_model_version": meta.get("source_model_version"),
                    "precision": "int8" if quantization else "float32"},
-        "arch": ckpt.arch,
-        "head": ckpt.head.to_dict(),
-        "classes": [{"label": c, "name": ckpt.name_of(c)} for c in ckpt.classes],
-        "preprocess": ckpt.preprocess.to_dict(),
-        "summary": ckpt.summary,
-        "versions": ckpt.versions,
-        "calibration": dict(meta.get("calibration") or {}),
-        "drift_reference": bool(ckpt.reference_stats),
+        "calibration": dict(meta.get("calibration") or {}),  # with the temperature, already in the graph
         "quantization": quantization,
     }
 
