@@ -107,8 +107,10 @@ def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay
     if kind.startswith("cnnkit"):
         workers = kind.rsplit("-w", 1)[1]
         model = export_model(checkpoint, kind.split("-")[1], env)
+        # No shedding (the server before issue 16): this benchmark needs every request answered;
+        # benchmarks/serve_ops.py measures overload.
         args = [sys.executable, "-m", "cnnkit", "serve", str(model), "--port", str(port),
-                "--workers", workers, "--device", "cpu"]
+                "--workers", workers, "--device", "cpu", "--threads", "16", "--max-queue", "100000"]
     elif kind == "naive":
         args = [sys.executable, str(REPO / "benchmarks" / "naive_server.py"), "--port", str(port)]
     elif kind == "naive-gunicorn-w2":

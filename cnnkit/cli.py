@@ -340,7 +340,7 @@ def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **opt
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="CNNKIT_HOST", show_envvar=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=int, default=8000, show_default=True, envvar=["SAGEMAKER_BIND_TO_PORT", "CNNKIT_PORT"], show_envvar=True)
 @click.option("--workers", type=int, default=None, envvar="CNNKIT_WORKERS", show_envvar=True, help="gunicorn worker processes, each with its own copy of the model [default: one per core, up to 4].")
-@click.option("--threads", type=int, default=16, show_default=True, help="Request threads per worker: how many requests one worker can batch together.")
+@click.option("--threads", type=int, default=64, show_default=True, help="Request threads per worker: requests a worker takes in at once (past --max-queue images it refuses them at once, so keep it above).")
 @click.option("--max-batch", type=int, default=16, show_default=True, help="Most images in one forward pass.")
 @click.option("--max-wait-ms", type=float, default=5.0, show_default=True, help="How long a batch waits for requests still being decoded (never when none are).")
 @click.option("--max-bytes", type=int, default=10 * 1024 * 1024, show_default=True, help="Largest request body; more is refused with 413.")
@@ -350,6 +350,10 @@ def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **opt
 @click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Classes per image when a request does not say.")
 @click.option("--torch-threads", type=int, default=None, help="Intra-op threads per worker [default: cores / workers, at least 1].")
 @click.option("--drift-window", type=int, default=1000, show_default=True, help="Recent images the drift PSI is computed over, per worker.")
+@click.option("--max-queue", type=int, default=None, help="Images a worker holds at most (decoding, queued, scoring); past it requests get 503 with Retry-After at once [default: what it clears in --queue-target-ms].")
+@click.option("--queue-target-ms", type=float, default=500.0, show_default=True, help="Without --max-queue: the queue a worker may hold is what it scores in this time (measured at start-up).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None, help="Keys (one per line: KEY or NAME KEY) that /predict, /invocations, /metadata and /admin/* require as 'Authorization: Bearer KEY'.")
+@click.option("--protect-metrics", is_flag=True, help="With --api-key-file: /metrics needs a key too.")
 @names_option
 @device_option
 def serve(**options: Any) -> None:
@@ -362,10 +366,18 @@ def serve(**options: Any) -> None:
     may be a folder holding one model (SageMaker's /opt/ml/model), or come from $CNNKIT_MODEL.
     Needs the 'serve' extra.
 
+    A worker that holds its --max-queue images answers further requests at once with 503 and
+    Retry-After (and /ready says not ready meanwhile). POST /admin/reload (with an API key) or
+    SIGHUP to the server loads the checkpoint again, or another one, in every worker without
+    dropping a request; a model that fails to load or check is refused and the old one serves on.
+
     \b
     Examples:
       cnnkit serve checkpoints/best.pt --port 8000 --workers 2
       curl -F image=@flower.jpg 'http://127.0.0.1:8000/predict?top_k=3'
+      cnnkit serve checkpoints/best.pt --api-key-file keys.txt
+      curl -H "Authorization: Bearer $KEY" -d '{"checkpoint": "checkpoints/new.pt"}' \\
+           -H 'Content-Type: application/json' http://127.0.0.1:8000/admin/reload
     """
     from .config import ServeConfig
 

@@ -303,7 +303,7 @@ class ServeConfig(Serializable):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int | None = None  # gunicorn worker processes (a model copy each); None: one per core, up to 4
-    threads: int = 16  # request threads per worker: the most requests a worker batches together
+    threads: int = 64  # request threads per worker: enough to refuse the excess at once when --max-queue is reached
     max_batch: int = 16  # images per forward pass
     max_wait_ms: float = 5.0  # how long a batch waits for requests still being decoded
     max_bytes: int = 10 * 1024 * 1024  # request body limit (413 above it)
@@ -315,6 +315,10 @@ class ServeConfig(Serializable):
     drift_window: int = 1000  # recent images the drift PSI is computed over
     category_names: str | None = None
     device: str = "auto"
+    max_queue: int | None = None  # images a worker holds at most (decoding, queued, scoring); None: from queue_target_ms
+    queue_target_ms: float = 500.0  # with max_queue None: the queue a worker can clear in this time, measured at warm-up
+    api_key_file: str | None = None  # keys for /predict, /invocations, /metadata and /admin/* (one per line)
+    protect_metrics: bool = False  # /metrics needs a key too
 
     def __post_init__(self) -> None:
         _check(bool(self.checkpoint), "give the model to serve: a checkpoint or an exported .onnx")
@@ -335,6 +339,11 @@ class ServeConfig(Serializable):
         )
         _check(self.drift_window >= 10, f"--drift-window must be at least 10 images, got {self.drift_window}")
         _check(bool(DEVICE_PATTERN.match(self.device)), f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        _check(self.max_queue is None or self.max_queue >= 1, f"--max-queue must be at least 1 image, got {self.max_queue}")
+        _check(1 <= self.queue_target_ms <= 600_000,
+               f"--queue-target-ms must be between 1 and 600000 (milliseconds), got {self.queue_target_ms}")
+        _check(self.api_key_file is None or bool(self.api_key_file), "--api-key-file must not be empty")
+        _check(not self.protect_metrics or bool(self.api_key_file), "--protect-metrics needs --api-key-file")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 gunicorn's own command line instead, pass it with ``-c`` and give Prometheus a fresh folder::
 
     PROMETHEUS_MULTIPROC_DIR=$(mktemp -d) gunicorn -c python:cnnkit.gunicorn_conf \\
-        --workers 2 --threads 16 --bind 127.0.0.1:8000 "cnnkit.serve:create_app('best.pt', workers=2)"
+        --workers 2 --threads 64 --bind 127.0.0.1:8000 "cnnkit.serve:create_app('best.pt', workers=2)"
 
 Every module-level name that is a gunicorn setting is applied, so this module defines nothing else.
 """
@@ -19,7 +19,7 @@ from .serve.metrics import multiprocess_dir as _metrics_dir  # private here: not
 # gthread (request threads feed each worker's micro-batcher), with a deadline on reading each
 # request and JSON error bodies for the errors gunicorn answers itself
 worker_class = "cnnkit.serve.BoundedThreadWorker"
-threads = 16
+threads = 64
 preload_app = False  # the model loads in each worker, after the fork, never in the master
 accesslog = None  # the app logs one JSON line per request instead
 keepalive = 5

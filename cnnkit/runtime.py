@@ -60,3 +60,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc's ``malloc_trim``).
+
+    A model loaded in one thread and freed after another took its place leaves its pages in
+    glibc's per-thread arenas: without the trim a server's resident memory grows with every
+    reload although nothing is referenced (benchmarks/RESULTS.md). Elsewhere only the collection runs.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only (not musl, macOS)
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+

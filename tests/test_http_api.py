@@ -43,13 +43,22 @@ from http_server import (  # noqa: E402
 
 MAX_BYTES, MAX_IMAGES, MAX_PIXELS = 200_000, 4, 20_000
 READ_TIMEOUT = 5
+API_KEY = "fuzz-" + "0123456789abcdef" * 2
+AUTH = {"Authorization": f"Bearer {API_KEY}"}  # the server asks for a key: every request here brings it
+
+
+def keyed_head(content_type: str, **headers: str) -> bytes:
+    return predict_head(content_type, **AUTH, **headers)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("http-api")
+    keys = folder / "keys.txt"
+    keys.write_text(f"fuzz {API_KEY}\n")
+    keys.chmod(0o600)
     instance = start_server(
-        make_checkpoint(folder / "model.pt"), folder / "server.log",
+        make_checkpoint(folder / "model.pt"), folder / "server.log", "--api-key-file", keys,
         "--threads", "8", "--max-batch", "8", "--max-wait-ms", "5", "--max-bytes", str(MAX_BYTES),
         "--max-images", str(MAX_IMAGES), "--max-pixels", str(MAX_PIXELS), timeout=READ_TIMEOUT,
     )
@@ -123,7 +132,7 @@ def test_openapi_document_is_valid_shipped_and_served(server, spec):
 
     assert resources.files("cnnkit").joinpath("openapi.json").is_file()  # package data
     validate_spec(spec)
-    assert spec == openapi_spec(ServeConfig(str(server.checkpoint), max_images=MAX_IMAGES))
+    assert spec == openapi_spec(ServeConfig(str(server.checkpoint), max_images=MAX_IMAGES, api_key_file="keys.txt"))
     assert spec["info"]["version"] == cnnkit.__version__
     schemas = spec["components"]["schemas"]
     assert schemas["MultipartPredictRequest"]["properties"]["image"]["maxItems"] == MAX_IMAGES
@@ -170,7 +179,7 @@ BAD = [  # (request, expected status)
 
 @pytest.mark.parametrize("method, path, body, content_type", GOOD, ids=[f"{i}-{m}-{p}" for i, (m, p, _, _) in enumerate(GOOD)])
 def test_good_requests_are_answered_as_documented(server, spec, method, path, body, content_type):
-    answer = http(server.base, method, path, body, content_type)
+    answer = http(server.base, method, path, body, content_type, AUTH)
     assert answer.status == 200, answer.text
     assert_documented(spec, path.split("?")[0], method, answer.status, answer.headers, answer.body)
 
@@ -178,7 +187,7 @@ def test_good_requests_are_answered_as_documented(server, spec, method, path, bo
 @pytest.mark.parametrize("request_, status", BAD, ids=[f"{i}-{s}" for i, (_, s) in enumerate(BAD)])
 def test_bad_requests_are_answered_as_documented(server, spec, request_, status):
     method, path, body, content_type = request_
-    answer = http(server.base, method, path, body, content_type)
+    answer = http(server.base, method, path, body, content_type, AUTH)
     assert answer.status == status, answer.text
     assert_documented(spec, path.split("?")[0], method, answer.status, answer.headers, answer.body)
 
@@ -222,7 +231,7 @@ def _checks():
 @settings(max_examples=_budget(1.0),  # deadline and database: the loaded profile's (conftest.py)
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 def test_generated_requests_get_documented_json_answers_and_never_a_5xx(case, server, spec):
-    response = case.call(timeout=30)
+    response = case.call(headers=AUTH, timeout=30)
     GENERATED[(f"{case.method} {case.path}", response.status_code)] += 1
     case.validate_response(response, checks=_checks())
     assert_documented(spec, case.path, case.method, response.status_code, dict(response.headers), response.content)
@@ -248,7 +257,8 @@ def test_the_generated_requests_reached_every_operation_and_the_model(request):
     print(f"generated requests: {sum(per_operation.values())} {dict(per_operation)}")
     assert per_operation["POST /predict"] >= min(50, _budget(1.0)), dict(per_operation)
     assert GENERATED[("POST /predict", 200)] > 0  # the documented examples reach the model
-    assert {"GET /health", "GET /ready", "GET /metadata"} <= set(per_operation), dict(per_operation)
+    assert {"GET /health", "GET /ready", "GET /metadata", "POST /admin/reload"} <= set(per_operation), dict(per_operation)
+    assert GENERATED[("POST /admin/reload", 200)] > 0 and GENERATED[("POST /admin/reload", 422)] > 0
 
 
 # --- oversized bodies -------------------------------------------------------------------------
@@ -257,7 +267,7 @@ def test_the_generated_requests_reached_every_operation_and_the_model(request):
 def test_over_max_bytes_is_a_413_from_the_content_length_alone(server):
     """Content-Length over the limit: 413 at once, without waiting for (or reading) the body."""
     with connect(server, timeout=10) as sock:
-        sock.sendall(predict_head("application/json", **{"Content-Length": str(50 * MAX_BYTES)}) + b'{"image": "')
+        sock.sendall(keyed_head("application/json", **{"Content-Length": str(50 * MAX_BYTES)}) + b'{"image": "')
         started = time.monotonic()
         answer = read_answer(sock)
     assert_json_error(answer, 413)
@@ -278,7 +288,7 @@ def test_a_content_length_that_understates_the_body_reads_no_further(server):
             pass  # closed by the server: expected
 
     with connect(server, timeout=20) as sock:
-        sock.sendall(predict_head("application/json", **{"Content-Length": "64"}))
+        sock.sendall(keyed_head("application/json", **{"Content-Length": "64"}))
         sender = threading.Thread(target=send, args=(sock,), daemon=True)
         sender.start()
         first = read_answer(sock)
@@ -298,7 +308,7 @@ def test_a_content_length_that_overstates_the_body_times_out_with_408(server):
     """Content-Length under the limit, but the client sends less and waits: 408 after --timeout."""
     data, content_type = multipart([("image", "a.png", image_bytes())])
     with connect(server, timeout=READ_TIMEOUT + 20) as sock:
-        sock.sendall(predict_head(content_type, **{"Content-Length": str(len(data) + 1000)}) + data)
+        sock.sendall(keyed_head(content_type, **{"Content-Length": str(len(data) + 1000)}) + data)
         started = time.monotonic()
         answer = read_answer(sock)
         waited = time.monotonic() - started
@@ -312,14 +322,14 @@ def test_a_chunked_body_over_max_bytes_is_a_413(server, content_type):
     body = b"{" + b" " * (3 * MAX_BYTES) if content_type == "application/json" else (
         b"--xyz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
         + os.urandom(3 * MAX_BYTES) + b"\r\n--xyz--\r\n")
-    answer = send_raw(server, predict_head(content_type, **{"Transfer-Encoding": "chunked"}) + chunked(body))
+    answer = send_raw(server, keyed_head(content_type, **{"Transfer-Encoding": "chunked"}) + chunked(body))
     assert_json_error(answer, 413)
     assert_alive(server)
 
 
 def test_a_chunked_body_within_the_limit_is_served(server):
     data, content_type = multipart([("image", "a.png", image_bytes(2))])
-    answer = send_raw(server, predict_head(content_type, **{"Transfer-Encoding": "chunked"}) + chunked(data, 1000))
+    answer = send_raw(server, keyed_head(content_type, **{"Transfer-Encoding": "chunked"}) + chunked(data, 1000))
     assert answer.status == 200, answer
     assert answer.json["results"][0]["filename"] == "a.png"
 
@@ -331,7 +341,7 @@ def test_a_chunked_body_within_the_limit_is_served(server):
 ], ids=["bad-size", "truncated", "no-terminator"])
 def test_malformed_chunked_bodies_are_a_json_400(server, body):
     with connect(server, timeout=READ_TIMEOUT + 20) as sock:
-        sock.sendall(predict_head("application/json", **{"Transfer-Encoding": "chunked"}) + body)
+        sock.sendall(keyed_head("application/json", **{"Transfer-Encoding": "chunked"}) + body)
         sock.shutdown(socket.SHUT_WR)  # the client has nothing more to say
         answer = read_answer(sock)
     assert_json_error(answer, 400)
@@ -379,7 +389,7 @@ MALFORMED_MULTIPART = {
 @pytest.mark.parametrize("case", list(MALFORMED_MULTIPART))
 def test_malformed_multipart_is_a_json_4xx_and_the_server_goes_on(server, spec, case):
     content_type, body, status = MALFORMED_MULTIPART[case]
-    answer = http(server.base, "POST", "/predict", body, content_type, timeout=READ_TIMEOUT + 20)
+    answer = http(server.base, "POST", "/predict", body, content_type, AUTH, timeout=READ_TIMEOUT + 20)
     if status is None:  # parsers differ on what they forgive: any documented 2xx/4xx
         assert answer.status in (200, 400, 422), answer.text
     else:

@@ -385,12 +385,14 @@ class GatedScore:
 
     def __init__(self, fail_on: float | None = None):
         self.sizes: list[int] = []
+        self.keys: list = []
         self.entered = threading.Event()
         self.release = threading.Event()
         self.fail_on = fail_on
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, key=None) -> torch.Tensor:
         self.sizes.append(len(batch))
+        self.keys.append(key)
         if len(self.sizes) == 1:
             self.entered.set()
             assert self.release.wait(10)
@@ -416,6 +418,24 @@ def test_batcher_gathers_waiting_requests_up_to_max_batch():
         batcher.stop()
     assert score.sizes == [1, 4, 4, 1]
     assert [float(r[0, 0]) for r in results] == list(range(10))  # each request gets its own rows
+
+
+def test_batcher_never_batches_jobs_of_different_keys_together():
+    """Across a reload, requests prepared for the old model are scored by it, apart from the new."""
+    score = GatedScore()
+    batcher = MicroBatcher(score, max_batch=8, max_wait_ms=0).start()
+    old, new = object(), object()
+    try:
+        first = batcher.submit(_items([0])[0], key=old)
+        assert score.entered.wait(10)
+        keys = [old, old, new, new, old]
+        jobs = [batcher.submit(item, key=key) for item, key in zip(_items(range(1, 6)), keys)]
+        score.release.set()
+        results = [batcher.wait(job, 10) for job in [first, *jobs]]
+    finally:
+        batcher.stop()
+    assert score.sizes == [1, 2, 2, 1] and score.keys == [old, old, new, old]
+    assert [float(r[0, 0]) for r in results] == list(range(6))
 
 
 def test_batcher_keeps_a_request_whole_and_splits_one_larger_than_max_batch():
@@ -518,6 +538,8 @@ def test_torch_threads_share_the_cores_among_workers(monkeypatch):
     ("max_batch", 0, "--max-batch"), ("max_wait_ms", -1, "--max-wait-ms"), ("max_bytes", 10, "--max-bytes"),
     ("timeout", 0, "--timeout"), ("top_k", 0, "--top-k"), ("host", "bad host!", "--host"),
     ("torch_threads", 0, "--torch-threads"), ("drift_window", 1, "--drift-window"), ("device", "tpu", "--device"),
+    ("max_queue", 0, "--max-queue"), ("queue_target_ms", 0, "--queue-target-ms"), ("api_key_file", "", "--api-key-file"),
+    ("protect_metrics", True, "--protect-metrics needs --api-key-file"),
 ])
 def test_serve_config_names_the_flag_to_fix(field, value, flag):
     with pytest.raises(ConfigError, match=flag):

@@ -13,17 +13,19 @@ Endpoints::
     POST /predict    multipart field "image" (one or more files), or JSON {"image": "<base64>"} /
                      {"images": ["<base64>", ...]}; top_k in the query string or the body
     GET  /health     liveness: the worker answers
-    GET  /ready      readiness: model loaded and warmed up (503 until then)
+    GET  /ready      readiness: model loaded and warmed up, and not saturated (503 otherwise)
     GET  /metadata   classes, arch, preprocessing, checkpoint summary, serving limits
     GET  /metrics    Prometheus text format, all workers together (gunicorn multi-process mode)
     GET  /openapi.json  the OpenAPI 3 description of all of the above (``cnnkit/openapi.json``)
     GET  /           a page to try the model in a browser (``page.html``: self-contained, offline)
+    POST /admin/reload  load the model again (changed on disk) or another one, in every worker,
+                     without dropping a request (needs --api-key-file; SIGHUP does the same)
     GET  /ping       SageMaker's name for /ready
     POST /invocations  SageMaker's name for /predict; also takes the image itself as the body
                      (image/*, application/x-image, application/octet-stream), top_k in the query
                      or in the X-Amzn-SageMaker-Custom-Attributes header (``top_k=3``)
 
-The model may be a folder holding one model file (``launcher.model_file``: SageMaker unpacks
+The model may be a folder holding one model file (``model.model_file``: SageMaker unpacks
 model.tar.gz into /opt/ml/model); ``cnnkit serve`` also reads it, the host, the port and the
 worker count from the environment (CNNKIT_MODEL, CNNKIT_HOST, CNNKIT_PORT or SageMaker's
 SAGEMAKER_BIND_TO_PORT, CNNKIT_WORKERS), so a container's only argument can be ``serve``.
@@ -33,8 +35,10 @@ image, empty image, bad top_k, a body that ends early or is malformed), 405, 404
 that did not arrive within ``timeout`` (a slow or stalled client), 413 body over ``max_bytes``
 (whatever Content-Length says, chunked bodies too) or more than ``max_images`` images or too many
 multipart parts, 415 wrong content type, 422 an image that cannot be decoded (not an image,
-corrupt, truncated, too many pixels, too elongated), 500 internal failure (logged), 503 not ready
-or timed out waiting for the model. Under ``cnnkit serve`` (gunicorn with
+corrupt, truncated, too many pixels, too elongated; or a reload the model named cannot pass), 500
+internal failure (logged), 503 not ready, overloaded (the worker holds its ``--max-queue`` images:
+answered at once, with Retry-After) or timed out waiting for the model; with ``--api-key-file``,
+401 without a known ``Authorization: Bearer`` key, and 403 for /admin/* without it. Under ``cnnkit serve`` (gunicorn with
 :class:`BoundedThreadWorker`), errors gunicorn itself answers (a malformed request line or
 headers, bad chunked encoding) are JSON too, and reading one request, headers and body, may take
 at most ``timeout`` seconds: a client that stalls or trickles bytes holds a request thread no
@@ -45,14 +49,19 @@ request carrying the header ``X-Cnnkit-Test-Fault: model`` makes the model raise
 so tests can check that an internal failure is a 500 and the worker goes on serving. Never set it
 in production.
 
-The package, by layer (imports go one way: launcher → app → service → batcher and metrics;
-parsing, page and sizing are leaves that the others import; gunicorn loads the worker by name)::
+The package, by layer (imports go one way: launcher → app → service → batcher, admission, model,
+control and metrics; parsing, auth, page and sizing are leaves that the others import; gunicorn
+loads the worker by name)::
 
     launcher.py  serve(cfg): checks, then gunicorn; gunicorn_options
     worker.py    BoundedThreadWorker (gunicorn gthread: request deadline, JSON errors, accept)
     app.py       create_app: Flask routes, JSON errors, the request log; openapi_spec
     page.py      the browser page (page.html) and its Content-Security-Policy
-    service.py   ModelService: image bytes → decode → batch → predict → encode → dict
+    service.py   ModelService: image bytes → decode → batch → predict → encode → dict; reload
+    model.py     ServedModel (one model as served, checked), load_served_model, model_file
+    admission.py Admission: the --max-queue bound, shedding with Retry-After
+    auth.py      ApiKeys (--api-key-file), constant-time Bearer check
+    control.py   how a reload reaches every worker (a shared file + SIGHUP via the master)
     batcher.py   MicroBatcher          metrics.py  Prometheus metrics, the multi-process folder
     parsing.py   request parsing, HttpError, error_body
     sizing.py    worker_count, torch_threads

@@ -17,12 +17,42 @@ from typing import Any
 
 from ..config import ServeConfig
 from ..errors import require_extra
+from .auth import REALM, ApiKeys
 from .page import page
-from .parsing import TEST_FAULT_HEADER, HttpError, error_body, parse_invocations_request, parse_predict_request
+from .parsing import (
+    TEST_FAULT_HEADER,
+    HttpError,
+    error_body,
+    parse_invocations_request,
+    parse_predict_request,
+    parse_reload_request,
+)
 from .service import ModelService
 
 request_log = logging.getLogger("cnnkit.serve.requests")
 PREDICT_PATHS = ("/predict", "/invocations")  # logged at INFO; /invocations is SageMaker's name for /predict
+ADMIN_PREFIX = "/admin/"
+PROTECTED_PATHS = (*PREDICT_PATHS, "/metadata")  # with --api-key-file (and /admin/*; /metrics with --protect-metrics)
+
+
+def authenticate(keys: ApiKeys | None, cfg: ServeConfig, path: str, authorization: str | None) -> str | None:
+    """The name of the caller's key, or None where ``path`` is open; raises HttpError 401 (or 403:
+    admin endpoints with no keys configured)."""
+    admin = path.startswith(ADMIN_PREFIX)
+    if keys is None:
+        if admin:
+            raise HttpError(403, "the admin endpoints need --api-key-file (a reload can also be asked by "
+                            "sending the server SIGHUP)")
+        return None
+    if not (admin or path in PROTECTED_PATHS or (path == "/metrics" and cfg.protect_metrics)):
+        return None
+    name = keys.identify(authorization)
+    if name is None:
+        given = bool(authorization)
+        challenge = REALM + (', error="invalid_token"' if given else "")
+        raise HttpError(401, "invalid API key" if given else "this endpoint needs an API key: Authorization: Bearer <key>",
+                        headers={"WWW-Authenticate": challenge})
+    return name
 
 
 def openapi_spec(cfg: ServeConfig | None = None) -> dict[str, Any]:
@@ -38,6 +68,12 @@ def openapi_spec(cfg: ServeConfig | None = None) -> dict[str, Any]:
         schemas = spec["components"]["schemas"]
         schemas["MultipartPredictRequest"]["properties"]["image"]["maxItems"] = cfg.max_images
         schemas["JsonPredictRequest"]["oneOf"][1]["properties"]["images"]["maxItems"] = cfg.max_images
+        for path, operations in spec["paths"].items():
+            for operation in operations.values():
+                if cfg.api_key_file is None:  # nothing asks for a key (the admin endpoints answer 403)
+                    operation.pop("security", None)
+                elif path == "/metrics" and cfg.protect_metrics:
+                    operation["security"] = [{"apiKey": []}]
     return spec
 
 
@@ -72,6 +108,7 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
     else:
         cfg = dataclasses.replace(config, checkpoint=os.fspath(checkpoint), **options)
     _setup_logging()
+    keys = ApiKeys.from_file(cfg.api_key_file) if cfg.api_key_file else None
     service = ModelService(cfg)
     service.metrics.declare(PREDICT_PATHS)
     spec = openapi_spec(cfg)
@@ -88,7 +125,9 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
 
     @app.errorhandler(HttpError)
     def _http_error(exc: HttpError) -> Response:
-        return error_response(exc.status, exc.message, **exc.extra)
+        response = error_response(exc.status, exc.message, **exc.extra)
+        response.headers.update(exc.headers)
+        return response
 
     @app.errorhandler(HTTPException)
     def _werkzeug_error(exc: HTTPException) -> Response:
@@ -110,6 +149,7 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
     @app.before_request
     def _start() -> None:
         g.started = time.perf_counter()
+        g.client = authenticate(keys, cfg, request.path, request.headers.get("Authorization"))
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -117,7 +157,7 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
         service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         service.metrics.latency.labels(endpoint).observe(seconds)
-        response.headers["X-Model-Version"] = service.model_version
+        response.headers["X-Model-Version"] = g.get("model_version") or service.model_version
         record: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "event": "request",
@@ -127,6 +167,8 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
             "ms": round(seconds * 1000, 2),
             "worker": service.worker,
         }
+        if g.get("client"):
+            record["client"] = g.client  # the key's name, never the key
         if g.get("images") is not None:
             record["images"] = g.images
         if g.get("error"):
@@ -151,7 +193,9 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
             g.images = len(blobs)
             return blobs, top_k
 
-        return jsonify(service.predict(read, started, fault))
+        answer = service.predict(read, started, fault)
+        g.model_version = answer["model_version"]  # the model that answered, across a reload
+        return jsonify(answer)
 
     @app.post("/predict")
     def predict() -> Response:
@@ -161,6 +205,13 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
     def invocations() -> Response:
         """SageMaker's inference contract: /predict, plus a raw image body (image/*, application/x-image)."""
         return scored(parse_invocations_request)
+
+    @app.post("/admin/reload")
+    def reload() -> Response:
+        """Load a checkpoint (the one served, changed on disk, or another) in every worker."""
+        answer = service.reload(parse_reload_request(request))
+        g.model_version = answer["model_version"]
+        return jsonify(answer)
 
     @app.get("/")
     def index() -> Response:

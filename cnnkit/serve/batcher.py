@@ -3,6 +3,8 @@ forward passes of at most ``max_batch`` images, and hands each request its rows 
 
 Request threads take a *ticket* before they read and decode their images, so the batcher knows
 a request is on its way and waits for it (up to ``max_wait_ms``), and not at all when none is.
+A job may carry a *key* (the model it was prepared for, across a reload): jobs of different
+keys are never batched together, and the key is passed to ``score``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from .parsing import TEST_FAULT_HEADER, HttpError
 log = logging.getLogger(__name__)
 
 
-class _Job:
-    __slots__ = ("batch", "fault", "done", "result", "error", "cancelled")
+Score = Callable[[torch.Tensor, Any], torch.Tensor]  # (batch, the jobs' key) -> probabilities
 
-    def __init__(self, batch: torch.Tensor, fault: bool):
+
+class _Job:
+    __slots__ = ("batch", "fault", "key", "done", "result", "error", "cancelled")
+
+    def __init__(self, batch: torch.Tensor, fault: bool, key: Any):
         self.batch = batch
         self.fault = fault
+        self.key = key
         self.done = threading.Event()
         self.result: torch.Tensor | None = None
         self.error: BaseException | None = None
@@ -42,22 +48,22 @@ class _Ticket:
         self._batcher = batcher
         self.submitted = False
 
-    def submit(self, batch: torch.Tensor, fault: bool = False) -> _Job:
+    def submit(self, batch: torch.Tensor, fault: bool = False, key: Any = None) -> _Job:
         self.submitted = True  # no longer arriving, even if the batcher refuses the job
-        return self._batcher._enqueue(_Job(batch, fault), arrived=True)
+        return self._batcher._enqueue(_Job(batch, fault, key), arrived=True)
 
 
 class MicroBatcher:
     """Gathers the images of concurrent requests into forward passes of at most ``max_batch``.
 
-    ``score`` maps a batch of preprocessed images to class probabilities; it runs on the
-    batcher's own thread only. A batch that fails is retried request by request, so one request
+    ``score(batch, key)`` maps a batch of preprocessed images to class probabilities, ``key``
+    being the jobs' (see :meth:`submit`); it runs on the batcher's own thread only. A batch that fails is retried request by request, so one request
     that makes the model raise does not fail the others it was batched with.
     """
 
     def __init__(
         self,
-        score: Callable[[torch.Tensor], torch.Tensor],
+        score: Score,
         max_batch: int,
         max_wait_ms: float,
         on_batch: Callable[[int, float], None] | None = None,
@@ -88,8 +94,9 @@ class MicroBatcher:
         """``with batcher.ticket() as t: ...decode...; job = t.submit(batch)``, then :meth:`wait`."""
         return _TicketContext(self)
 
-    def submit(self, batch: torch.Tensor, fault: bool = False) -> _Job:
-        return self._enqueue(_Job(batch, fault), arrived=False)
+    def submit(self, batch: torch.Tensor, fault: bool = False, key: Any = None) -> _Job:
+        """Queue ``batch`` to be scored with jobs of the same ``key`` (compared by identity)."""
+        return self._enqueue(_Job(batch, fault, key), arrived=False)
 
     def _enqueue(self, job: _Job, arrived: bool) -> _Job:
         with self._cond:
@@ -149,12 +156,13 @@ class MicroBatcher:
             count = 0
             deadline = time.monotonic() + self.max_wait
             while True:
-                while self._jobs and (count == 0 or count + len(self._jobs[0]) <= self.max_batch):
+                while self._jobs and (count == 0 or (count + len(self._jobs[0]) <= self.max_batch
+                                                     and self._jobs[0].key is jobs[0].key)):
                     job = self._jobs.popleft()
                     if not job.cancelled:
                         jobs.append(job)
                         count += len(job)
-                full = count >= self.max_batch or bool(self._jobs)  # a waiting job did not fit
+                full = count >= self.max_batch or bool(self._jobs)  # a waiting job did not fit (or is another model's)
                 # Wait only for requests already being decoded: an idle server answers at once.
                 if full or self._arriving <= 0 or self._stopping:
                     return jobs
@@ -163,12 +171,12 @@ class MicroBatcher:
                     return jobs
                 self._cond.wait(remaining)
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor, key: Any) -> torch.Tensor:
         parts = []
         for start in range(0, len(batch), self.max_batch):  # one request may hold more than max_batch
             chunk = batch[start:start + self.max_batch]
             began = time.perf_counter()
-            parts.append(self._score(chunk))
+            parts.append(self._score(chunk, key))
             if self._on_batch is not None:
                 self._on_batch(len(chunk), time.perf_counter() - began)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -178,7 +186,7 @@ class MicroBatcher:
             if any(job.fault for job in jobs):
                 raise RuntimeError(f"fault injected by the test hook ({TEST_FAULT_HEADER})")
             batch = jobs[0].batch if len(jobs) == 1 else torch.cat([job.batch for job in jobs])
-            probs = self._forward(batch)
+            probs = self._forward(batch, jobs[0].key)
         except Exception as exc:
             if len(jobs) > 1:
                 log.warning("a batch of %d requests failed (%s: %s); scoring them one by one",

@@ -8,14 +8,18 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from typing import Any
 
 from ..config import ServeConfig
-from ..errors import CheckpointError, CnnkitError, ConfigError, require_extra
+from ..errors import CnnkitError, ConfigError, require_extra
 from ..models.exported import checkpoint_from_metadata, is_onnx_file, read_metadata
 from .app import create_app
+from .auth import ApiKeys
+from .control import CONTROL_DIR_ENV
+from .model import model_file
 from .sizing import torch_threads, worker_count
 
 log = logging.getLogger(__name__)
@@ -74,31 +78,6 @@ def _check_model(cfg: ServeConfig) -> str:
     return f"{kind} {cfg.checkpoint}: {ckpt.arch}, {len(ckpt.classes)} classes, {drift} drift reference"
 
 
-MODEL_SUFFIXES = (".pt", ".pth", ".onnx")
-
-
-def model_file(path: str) -> str:
-    """``path``, or the model file in the folder ``path`` (SageMaker unpacks model.tar.gz into
-    /opt/ml/model): its only .pt/.pth/.onnx file, else its one ``model.*``, else its one ``best.*``."""
-    if not os.path.isdir(path):
-        return path
-    names = sorted(name for name in os.listdir(path) if name.endswith(MODEL_SUFFIXES) and not name.startswith(".")
-                   and os.path.isfile(os.path.join(path, name)))
-    if len(names) == 1:
-        return os.path.join(path, names[0])
-    for stem in ("model", "best"):
-        matches = [name for name in names if os.path.splitext(name)[0] == stem]
-        if len(matches) == 1:
-            return os.path.join(path, matches[0])
-        if matches:
-            break  # model.pt and model.onnx: which one is meant cannot be told
-    if not names:
-        raise CheckpointError(f"no model in the folder {path}: put a checkpoint (.pt) or an exported model (.onnx) "
-                              "there, or name the file")
-    raise CheckpointError(f"{len(names)} models in the folder {path} ({', '.join(names)}): name the file to serve, "
-                          "or call it model.pt")
-
-
 def _check_port(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -113,12 +92,25 @@ def serve(cfg: ServeConfig) -> None:
     """Run the server in the foreground until stopped (SIGTERM: graceful, requests in flight finish; Ctrl-C: at once)."""
     require_extra("serve", "flask", "gunicorn", "prometheus_client")
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
 
     cfg = dataclasses.replace(cfg, checkpoint=model_file(cfg.checkpoint))
     summary = _check_model(cfg)
+    keys = ApiKeys.from_file(cfg.api_key_file) if cfg.api_key_file else None
     _check_port(cfg.host, cfg.port)
 
+    class ReloadingArbiter(Arbiter):
+        def handle_hup(self) -> None:
+            # gunicorn's HUP restarts every worker with the configuration it started with: a
+            # checkpoint that fails to load would then stop the server. Here each worker loads
+            # the model in place instead, and keeps the old one if the new one fails.
+            self.log.info("Hang up: every worker reloads the model")
+            self.kill_workers(signal.SIGHUP)
+
     class Application(BaseApplication):
+        def run(self) -> None:
+            ReloadingArbiter(self).run()
+
         def load_config(self) -> None:
             from .. import gunicorn_conf
 
@@ -134,13 +126,15 @@ def serve(cfg: ServeConfig) -> None:
                 log.error("cannot load the model: %s", exc)
                 raise SystemExit(4) from None  # gunicorn: "App failed to load", the master stops
 
-    metrics_dir = tempfile.mkdtemp(prefix="cnnkit-metrics-")
-    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in the workers
+    folders = {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="cnnkit-metrics-"),  # read in the workers
+               CONTROL_DIR_ENV: tempfile.mkdtemp(prefix="cnnkit-control-")}  # the model a reload names
+    previous = {name: os.environ.get(name) for name in folders}
+    os.environ.update(folders)
     log.info(
         "serving %s on http://%s:%d with %d worker(s) x %d threads, %d torch thread(s) per worker, "
-        "batches of up to %d (wait up to %g ms)",
+        "batches of up to %d (wait up to %g ms), %s; SIGHUP (or POST /admin/reload) reloads the model",
         summary, cfg.host, cfg.port, worker_count(cfg), cfg.threads, torch_threads(cfg), cfg.max_batch, cfg.max_wait_ms,
+        f"{len(keys)} API key(s)" if keys else "no API keys (open to anyone who can connect)",
     )
     try:
         Application().run()
@@ -148,8 +142,9 @@ def serve(cfg: ServeConfig) -> None:
         if exc.code not in (0, None):
             raise CnnkitError(f"the server stopped with an error (gunicorn exit status {exc.code}); see the log above") from None
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        if previous is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+        for name, folder in folders.items():
+            shutil.rmtree(folder, ignore_errors=True)
+            if previous[name] is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous[name]

@@ -47,6 +47,15 @@ class Metrics:
         self.predicted = Counter("cnnkit_predicted_class", "Top-1 predictions by class label.", ["label"], registry=r)
         self.confidence = Histogram("cnnkit_prediction_confidence", "Top-1 probability of each scored image.",
                                     buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.shed = Counter("cnnkit_shed", "Requests refused at once (503, Retry-After) because the worker held "
+                            "its --max-queue images.", registry=r)
+        self.max_queue = Gauge("cnnkit_max_queue_images", "Images the workers hold at most (summed over live workers).",
+                               multiprocess_mode="livesum", registry=r)
+        self.reloads = Counter("cnnkit_reloads", "Model reloads by result (ok: swapped in; failed: the old model "
+                               "kept serving).", ["result"], registry=r)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
+        self.has_drift = drift
         if drift:  # only for a model with reference statistics: otherwise the drift metrics are absent
             self.drift = Gauge("cnnkit_drift_psi",
                                "Population-stability index of a worker's recent images against the model's "

@@ -30,11 +30,12 @@ class RequestTimeout(TimeoutError):
 class HttpError(Exception):
     """A request the server refuses: becomes a JSON error body with ``status``."""
 
-    def __init__(self, status: int, message: str, **extra: Any):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.extra = extra
+        self.headers = headers or {}  # of the response (Retry-After, WWW-Authenticate)
+        self.extra = extra  # more fields of the JSON body
 
 
 def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
@@ -193,3 +194,23 @@ def parse_predict_request(request: Any, cfg: ServeConfig, query_k: str | None = 
     raw = ", or the image itself as image/jpeg, image/png, ... or application/x-image" if raw_allowed else ""
     raise HttpError(415, f"unsupported content type {shown}: send multipart/form-data with an 'image' "
                          f"file field, or application/json with a base64 'image' or 'images'{raw}")
+
+
+def parse_reload_request(request: Any) -> str | None:
+    """The model ``POST /admin/reload`` names (``{"checkpoint": "path"}``), or None (no body, or
+    ``{}``: the file served now, reread), or HttpError."""
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        return None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise HttpError(400, f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict) or set(body) - {"checkpoint"}:
+        raise HttpError(400, 'the body must be {} or {"checkpoint": "<path on the server>"}')
+    path = body.get("checkpoint")
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path.strip() or "\x00" in path:
+        raise HttpError(400, '"checkpoint" must be a path on the server (a non-empty string)')
+    return path

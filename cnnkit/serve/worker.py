@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +146,18 @@ def bounded_worker_class() -> type:
         """
 
         accept_delay = accept_delay_per_connection()  # seconds per held connection, read once
+
+        def init_signals(self) -> None:
+            super().init_signals()  # (gunicorn's leaves SIGHUP at its default: the worker would die)
+            signal.signal(signal.SIGHUP, self.handle_hup)
+            signal.siginterrupt(signal.SIGHUP, False)
+
+        def handle_hup(self, sig: int, frame: Any) -> None:
+            # The master forwards its SIGHUP (cnnkit.serve.control): reload off the signal
+            # handler, in a thread, while the request threads go on serving.
+            service = self._service()
+            if service is not None:
+                threading.Thread(target=service.reload_published, name="cnnkit-reload", daemon=True).start()
 
         def _service(self) -> ModelService | None:
             extensions = getattr(getattr(self, "wsgi", None), "extensions", None)

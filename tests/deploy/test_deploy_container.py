@@ -217,7 +217,7 @@ def test_sagemaker_ping_and_invocations_with_a_raw_image(container):
 
 def test_a_model_folder_is_served_by_its_one_model_file(tmp_path):
     from cnnkit.errors import CheckpointError
-    from cnnkit.serve.launcher import model_file
+    from cnnkit.serve.model import model_file
 
     folder = tmp_path / "model"
     folder.mkdir()
