@@ -252,3 +252,18 @@ def test_a_worker_started_after_a_reload_serves_the_reloaded_model(keyed_server)
     seen = versions_served(keyed_server, current)
     assert seen - old, (seen, old)  # the new worker answered with the reloaded model
     assert current != model_version(folder / "a.pt")
+
+
+def test_a_new_worker_serves_the_published_model_or_the_configured_one_if_it_is_gone(tmp_path, monkeypatch):
+    from cnnkit.config import ServeConfig
+    from cnnkit.serve.control import CONTROL_DIR_ENV, publish_model
+    from cnnkit.serve.service import first_model
+
+    configured, reloaded = make_checkpoint(tmp_path / "a.pt"), make_checkpoint(tmp_path / "b.pt", temperature=2.0)
+    monkeypatch.setenv(CONTROL_DIR_ENV, str(tmp_path))
+    cfg = ServeConfig(str(configured), device="cpu")
+    assert first_model(cfg).version == model_version(configured)  # nothing published yet
+    publish_model(str(reloaded))
+    assert first_model(cfg).version == model_version(reloaded)
+    reloaded.unlink()
+    assert first_model(cfg).version == model_version(configured)  # (logged)

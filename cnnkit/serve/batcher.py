@@ -57,8 +57,9 @@ class MicroBatcher:
     """Gathers the images of concurrent requests into forward passes of at most ``max_batch``.
 
     ``score(batch, key)`` maps a batch of preprocessed images to class probabilities, ``key``
-    being the jobs' (see :meth:`submit`); it runs on the batcher's own thread only. A batch that fails is retried request by request, so one request
-    that makes the model raise does not fail the others it was batched with.
+    being the jobs' (see :meth:`submit`); it runs on the batcher's own thread only. A batch that
+    fails is retried request by request, so one request that makes the model raise does not fail
+    the others it was batched with.
     """
 
     def __init__(

@@ -39,6 +39,19 @@ RATE_BATCH = 4  # images per pass when the warm-up measures the forward-pass rat
 RELEASE_DELAY_S = 5.0  # after a reload: when the old model's memory is handed back
 
 
+def first_model(cfg: ServeConfig) -> ServedModel:
+    """The model a reload published, for a worker started after it (cnnkit.serve.control), or
+    the configured one; the configured one too if the published file is gone or broken."""
+    published = published_model()
+    if published is not None:
+        try:
+            return load_served_model(cfg, published, check=False)
+        except CnnkitError as exc:
+            log.error("worker %d: cannot load %s, the model a reload named (%s); serving %s",
+                      os.getpid(), published, exc, cfg.checkpoint)
+    return load_served_model(cfg, cfg.checkpoint, check=False)
+
+
 class ModelService:
     """One worker's model, batcher, admission, metrics and drift monitor; what the Flask routes call.
 
@@ -55,8 +68,7 @@ class ModelService:
         self.worker = os.getpid()
         self.torch_threads = torch_threads(cfg)
         torch.set_num_threads(self.torch_threads)  # before the model (and ONNX Runtime) is set up
-        # A worker started after a reload serves the reloaded model (cnnkit.serve.control).
-        self.model: ServedModel = load_served_model(cfg, published_model() or cfg.checkpoint, check=False)
+        self.model: ServedModel = first_model(cfg)
         self.test_hooks = os.environ.get(TEST_HOOKS_ENV) == "1"
         self.slow = float(os.environ.get(TEST_SLOW_ENV, "0") or 0) / 1000 if self.test_hooks else 0.0
         if self.test_hooks:
@@ -76,10 +88,6 @@ class ModelService:
     @property
     def model_version(self) -> str:
         return self.model.version
-
-    @property
-    def predictor(self) -> Any:
-        return self.model.predictor
 
     def _warm_up(self) -> None:
         model = self.model
