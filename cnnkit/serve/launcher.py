@@ -109,7 +109,10 @@ def serve(cfg: ServeConfig) -> None:
 
     class Application(BaseApplication):
         def run(self) -> None:
-            ReloadingArbiter(self).run()
+            try:
+                ReloadingArbiter(self).run()
+            except RuntimeError as exc:  # as gunicorn's own run(): a one-line error, not a traceback
+                raise CnnkitError(f"gunicorn: {exc}") from None
 
         def load_config(self) -> None:
             from .. import gunicorn_conf
