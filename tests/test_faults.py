@@ -76,8 +76,9 @@ import cnnkit.training.callbacks.checkpoints
 
 
 def stall(note=""):  # tell the test where we are, then wait for its SIGKILL
-    with open(marker, "w") as handle:
+    with open(marker + ".tmp", "w") as handle:  # whole or absent: the test kills us once it exists
         handle.write(note)
+    os.replace(marker + ".tmp", marker)
     time.sleep(600)
     os._exit(99)
 
