@@ -209,7 +209,7 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
     @app.post("/admin/reload")
     def reload() -> Response:
         """Load a checkpoint (the one served, changed on disk, or another) in every worker."""
-        answer = service.reload(parse_reload_request(request))
+        answer = service.reload(parse_reload_request(request, cfg))
         g.model_version = answer["model_version"]
         return jsonify(answer)
 

@@ -67,13 +67,14 @@ class ServedModel:
         return batch / max(best, 1e-6)
 
 
-def load_served_model(cfg: ServeConfig, path: str, *, check: bool = True) -> ServedModel:
+def load_served_model(cfg: ServeConfig, path: str, *, check: bool = True, version: str | None = None) -> ServedModel:
     """Load ``path`` (a checkpoint or an exported .onnx) as ``cfg`` serves it; ``check`` runs
-    :meth:`ServedModel.check`. Raises CnnkitError (the file, its classes, names or preprocessing)."""
+    :meth:`ServedModel.check`; ``version`` is the file's :func:`model_version` where the caller
+    has hashed it already. Raises CnnkitError (the file, its classes, names or preprocessing)."""
     from ..inference.predictor import Predictor
 
     predictor = Predictor(path, cfg.device, cfg.category_names)  # (a missing or bad file: CheckpointError)
-    version = model_version(path)
+    version = version or model_version(path)
     ckpt = predictor.checkpoint
     exported = predictor.backend
     max_pixels = min(cfg.max_pixels, ckpt.preprocess.max_pixels)

@@ -115,6 +115,15 @@ def _read_whole_body(request: Any, cfg: ServeConfig) -> bytes:
     return raw
 
 
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise HttpError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise HttpError(400, "malformed JSON: nested too deeply") from None
+
+
 def is_raw_image_type(mimetype: str) -> bool:
     """A body that is one image file as it is (``/invocations``): ``image/*``, SageMaker's
     ``application/x-image``, or ``application/octet-stream``."""
@@ -167,13 +176,7 @@ def parse_predict_request(request: Any, cfg: ServeConfig, query_k: str | None = 
         blobs = [(f.filename or None, f.read()) for f in files]
         return blobs, _parse_top_k(request.form.get("top_k", query_k), cfg.top_k)
     if mimetype == "application/json" or mimetype.endswith("+json"):
-        raw = _read_whole_body(request, cfg)
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
-            raise HttpError(400, f"malformed JSON: {exc}") from None
-        except RecursionError:
-            raise HttpError(400, "malformed JSON: nested too deeply") from None
+        body = _parse_json(_read_whole_body(request, cfg))
         if not isinstance(body, dict):
             raise HttpError(400, 'the JSON body must be an object: {"image": "<base64>"} or {"images": [...]}')
         if "image" in body and "images" in body:
@@ -196,16 +199,13 @@ def parse_predict_request(request: Any, cfg: ServeConfig, query_k: str | None = 
                          f"file field, or application/json with a base64 'image' or 'images'{raw}")
 
 
-def parse_reload_request(request: Any) -> str | None:
+def parse_reload_request(request: Any, cfg: ServeConfig) -> str | None:
     """The model ``POST /admin/reload`` names (``{"checkpoint": "path"}``), or None (no body, or
     ``{}``: the file served now, reread), or HttpError."""
-    raw = request.get_data(cache=False)
+    raw = _read_whole_body(request, cfg)  # (a slow or oversized body: 408 or 413, as for /predict)
     if not raw.strip():
         return None
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise HttpError(400, f"malformed JSON: {exc}") from None
+    body = _parse_json(raw)
     if not isinstance(body, dict) or set(body) - {"checkpoint"}:
         raise HttpError(400, 'the body must be {} or {"checkpoint": "<path on the server>"}')
     path = body.get("checkpoint")

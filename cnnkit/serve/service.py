@@ -90,14 +90,17 @@ class ModelService:
         return self.model.version
 
     def _warm_up(self) -> None:
-        model = self.model
-        model.check()
+        self.model.check()
+        self._calibrate(self.model)
+        self.metrics.workers_ready.set(1)  # (a failed warm-up raises first: the worker stays unready)
+
+    def _calibrate(self, model: ServedModel) -> None:
+        """The --max-queue bound from ``model``'s forward-pass rate (at start-up and each reload)."""
         self.admission.calibrate(model.images_per_second(min(RATE_BATCH, self.cfg.max_batch)))
         log.info("worker %d: %.1f images/s per forward pass; holds at most %d images (%s)", self.worker,
                  self.admission.rate, self.admission.max_queue,
                  "--max-queue" if self.cfg.max_queue else f"what it clears in --queue-target-ms {self.cfg.queue_target_ms:g}")
         self.metrics.max_queue.set(self.admission.max_queue or 0)
-        self.metrics.workers_ready.set(1)  # (a failed warm-up raises first: the worker stays unready)
 
     def _score(self, batch: torch.Tensor, model: ServedModel | None) -> torch.Tensor:
         if self.slow:
@@ -232,13 +235,14 @@ class ModelService:
                 return self._reload_failed(path or previous.path, f"cannot read it: {exc.strerror or exc}")
             if version != previous.version:
                 try:
-                    candidate = load_served_model(self.cfg, target)
+                    candidate = load_served_model(self.cfg, target, version=version)
                 except CnnkitError as exc:
                     return self._reload_failed(target, str(exc))
                 if candidate.classes != previous.classes:
                     return self._reload_failed(target, f"its classes differ from the model served "
                                                f"({len(candidate.classes)} vs {len(previous.classes)}, or in order); "
                                                "a model with other classes is a new service: start another server")
+                self._calibrate(candidate)
                 self.model = candidate  # the swap: requests from here on get the new model
                 self._show(candidate, previous)
                 self._drift_reported = False
