@@ -12,11 +12,16 @@ real flowers-20 JPEGs, each on a new connection.
 2. **Reload under load**: concurrency 8 for ``--reload-seconds`` (60), ``POST /admin/reload``
    every 10 s alternating two checkpoints (A and B, different weights): failed requests, the
    model versions answered, the workers' summed RSS after the first reload and after the last.
+3. **Shadow on and off**: two servers, the defaults and ``--shadow B`` (B: other weights), both
+   up at once and measured in turn, ``--repeats`` runs of ``--seconds`` at concurrency 8 each:
+   requests/s of the 200s and their p95, the ratios on/off of each pair of runs, and the shadow's
+   images scored and dropped.
 
 Medians of the repeats with their range; printed as Markdown (benchmarks/RESULTS.md); raw runs in
 benchmarks/out/serve_ops.json.
 
     python benchmarks/serve_ops.py      # --repeats 3 --seconds 20 --reload-seconds 60
+    python benchmarks/serve_ops.py --parts shadow --repeats 5      # one part only
 """
 
 from __future__ import annotations
@@ -232,7 +237,35 @@ def reload_under_load(args, checkpoints: list[Path], work: Path, payloads: list)
             "per_version": {v: answered.count(v) for v in sorted(versions)}, "reloads": reloads, "rss_kib": rss}
 
 
+def shadow_on_off(args, checkpoints: list[Path], work: Path, payloads: list) -> dict:
+    servers = {"off": [], "on": ["--shadow", str(checkpoints[1])]}
+    ports = {name: free_port() for name in servers}
+    processes = {name: start(checkpoints[0], ports[name], work / f"shadow-{name}.log", flags)
+                 for name, flags in servers.items()}
+    runs: dict = {name: [] for name in servers}
+    try:
+        for name in servers:
+            wait_ready(ports[name], processes[name], payloads[0])
+        for _ in range(args.repeats):
+            for name in servers:  # in turn: the idle one uses no CPU
+                row = run(ports[name], payloads, 8, args.seconds)
+                runs[name].append(row)
+                print(f"[shadow] {name}: {row}", file=sys.stderr, flush=True)
+        status, _, body = request(ports["on"], "GET", "/metrics")
+        from cnnkit.serve import iter_metric_samples
+
+        counts = {labels["result"]: value for name, labels, value in iter_metric_samples(body.decode())
+                  if name == "cnnkit_shadow_images_total"}
+        agreed = sum(value for name, _, value in iter_metric_samples(body.decode()) if name == "cnnkit_shadow_agreement_total")
+    finally:
+        for process in processes.values():
+            stop_server(process)
+    return {"runs": runs, "shadow_images": counts, "shadow_agreed": agreed}
+
+
 def markdown(results: dict) -> str:
+    if "overload" not in results:
+        return shadow_markdown(results["shadow"])
     lines = ["| server | concurrency | 200s/s | p50 ms | p95 ms | p99 ms | shed | shed p50 / p99 ms (in the server) | other 5xx | "
              "conn. errors |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     med = lambda runs, key: summary([r[key] for r in runs])  # noqa: E731
@@ -260,6 +293,25 @@ def markdown(results: dict) -> str:
               f"| reload answer time, median ms | {statistics.median(x['ms'] for x in r['reloads']):.0f} |",
               f"| versions answered | {len(r['versions_seen'])}, all of A or B: {r['all_versions_known']} ({r['per_version']}) |",
               f"| workers' RSS after reload 1 → {len(rss)} | {rss[0] / 1024:.0f} → {rss[-1] / 1024:.0f} MiB (ratio {growth}) |"]
+    if "shadow" in results:
+        lines += ["", shadow_markdown(results["shadow"])]
+    return "\n".join(lines)
+
+
+def shadow_markdown(shadow: dict) -> str:
+    off, on = shadow["runs"]["off"], shadow["runs"]["on"]
+    fmt = lambda values, d=1: (lambda s: f"{s['median']:.{d}f} ({s['min']:.{d}f}–{s['max']:.{d}f})")(summary(values))  # noqa: E731
+    images = shadow["shadow_images"]
+    lines = ["| concurrency 8 | 200s/s | p95 ms | other 5xx | conn. errors |", "| --- | --- | --- | --- | --- |"]
+    for name, runs in (("shadow off", off), ("shadow on", on)):
+        lines.append(f"| {name} | {fmt([r['ok_rps'] for r in runs])} | {fmt([r['p95_ms'] for r in runs], 0)} | "
+                     f"{sum(r['other_5xx'] for r in runs)} | {sum(r['connection_errors'] for r in runs)} |")
+    lines += ["", "| on / off, same round | median (range) | target |", "| --- | --- | --- |",
+              f"| 200s/s | {fmt([a['ok_rps'] / b['ok_rps'] for a, b in zip(on, off)], 3)} | ≥ 0.9 |",
+              f"| p95 | {fmt([a['p95_ms'] / b['p95_ms'] for a, b in zip(on, off)], 3)} | ≤ 1.15 |",
+              "", f"Shadow images: {images.get('scored', 0):.0f} scored, {images.get('dropped', 0):.0f} dropped, "
+              f"{images.get('failed', 0):.0f} failed (of {sum(r['ok'] for r in on)} answered); agreement with the "
+              f"primary {shadow['shadow_agreed'] / max(images.get('scored', 0), 1):.3f}."]
     return "\n".join(lines)
 
 
@@ -269,6 +321,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="each overload run")
     parser.add_argument("--reload-seconds", type=float, default=60.0)
     parser.add_argument("--images", type=int, default=200, help="distinct photos sent")
+    parser.add_argument("--parts", nargs="+", choices=["overload", "reload", "shadow"], default=["overload", "reload", "shadow"])
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "out" / "serve_ops.json")
     args = parser.parse_args()
     started = time.time()
@@ -286,8 +339,12 @@ def main() -> None:
         b_ckpt.state_dict = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
                              for k, v in b_ckpt.state_dict.items()}
         b_ckpt.save(work / "b.pt")
-        results["overload"] = overload(args, a, work, payloads)
-        results["reload"] = reload_under_load(args, [a, work / "b.pt"], work, payloads)
+        if "overload" in args.parts:
+            results["overload"] = overload(args, a, work, payloads)
+        if "reload" in args.parts:
+            results["reload"] = reload_under_load(args, [a, work / "b.pt"], work, payloads)
+        if "shadow" in args.parts:
+            results["shadow"] = shadow_on_off(args, [a, work / "b.pt"], work, payloads)
     finish(results, started, args.output, markdown(results))
 
 

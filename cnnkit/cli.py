@@ -354,6 +354,12 @@ def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **opt
 @click.option("--queue-target-ms", type=float, default=500.0, show_default=True, help="Without --max-queue: the queue a worker may hold is what it scores in this time (measured at start-up).")
 @click.option("--api-key-file", type=click.Path(dir_okay=False), default=None, help="Keys (one per line: KEY or NAME KEY) that /predict, /invocations, /metadata and /admin/* require as 'Authorization: Bearer KEY'.")
 @click.option("--protect-metrics", is_flag=True, help="With --api-key-file: /metrics needs a key too.")
+@click.option("--canary", type=click.Path(), default=None, help="A candidate model (same classes) that answers --canary-percent of the requests; POST /admin/promote or /admin/rollback ends the trial.")
+@click.option("--canary-percent", type=float, default=10.0, show_default=True, help="The canary's share of requests, in percent.")
+@click.option("--canary-header", default="X-Client-Id", show_default=True, help="Requests with this header are routed by its value: the same client always gets the same model.")
+@click.option("--shadow", type=click.Path(), default=None, help="A candidate model (same classes) that scores copies of the primary's requests off the request path: agreement, confidence and class-mix PSI in /metrics.")
+@click.option("--shadow-share", type=float, default=0.1, show_default=True, help="The most of a worker's time the shadow may use, and only while the worker holds no request (under load the shadow drops copies).")
+@click.option("--shadow-queue", type=int, default=32, show_default=True, help="Copies waiting for the shadow, at most; more are dropped (cnnkit_shadow_images_total{result=\"dropped\"}).")
 @names_option
 @device_option
 def serve(**options: Any) -> None:
@@ -370,6 +376,9 @@ def serve(**options: Any) -> None:
     Retry-After (and /ready says not ready meanwhile). POST /admin/reload (with an API key) or
     SIGHUP to the server loads the checkpoint again, or another one, in every worker without
     dropping a request; a model that fails to load or check is refused and the old one serves on.
+    A --canary answers a share of the requests and a --shadow scores copies of them, each
+    measured by model version in /metrics; POST /admin/promote makes the canary the model
+    served, /admin/rollback drops it.
 
     \b
     Examples:
@@ -378,6 +387,8 @@ def serve(**options: Any) -> None:
       cnnkit serve checkpoints/best.pt --api-key-file keys.txt
       curl -H "Authorization: Bearer $KEY" -d '{"checkpoint": "checkpoints/new.pt"}' \\
            -H 'Content-Type: application/json' http://127.0.0.1:8000/admin/reload
+      cnnkit serve best.pt --canary new.pt --canary-percent 5 --api-key-file keys.txt
+      curl -X POST -H "Authorization: Bearer $KEY" http://127.0.0.1:8000/admin/promote
     """
     from .config import ServeConfig
 

@@ -292,6 +292,7 @@ class EvaluateConfig(Serializable):
 
 
 SERVE_HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
+HEADER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # an HTTP header name (RFC 9110 token)
 EXPORT_FORMATS = ("onnx", "torchscript")
 
 
@@ -319,6 +320,12 @@ class ServeConfig(Serializable):
     queue_target_ms: float = 500.0  # with max_queue None: the queue a worker can clear in this time, measured at warm-up
     api_key_file: str | None = None  # keys for /predict, /invocations, /metadata and /admin/* (one per line)
     protect_metrics: bool = False  # /metrics needs a key too
+    canary: str | None = None  # a candidate model answering canary_percent % of requests
+    canary_percent: float = 10.0  # the canary's share of requests (of each sticky key's, by a stable hash)
+    canary_header: str = "X-Client-Id"  # a request carrying it is routed by its value: the same client, the same model
+    shadow: str | None = None  # a candidate model scoring copies of the primary's requests, off the request path
+    shadow_share: float = 0.1  # the most of a worker's time the shadow may take, and only while it holds no request
+    shadow_queue: int = 32  # copies waiting for the shadow, at most (more are dropped and counted)
 
     def __post_init__(self) -> None:
         _check(bool(self.checkpoint), "give the model to serve: a checkpoint or an exported .onnx")
@@ -344,6 +351,13 @@ class ServeConfig(Serializable):
                f"--queue-target-ms must be between 1 and 600000 (milliseconds), got {self.queue_target_ms}")
         _check(self.api_key_file is None or bool(self.api_key_file), "--api-key-file must not be empty")
         _check(not self.protect_metrics or bool(self.api_key_file), "--protect-metrics needs --api-key-file")
+        for flag, path in (("--canary", self.canary), ("--shadow", self.shadow)):
+            _check(path is None or bool(path), f"{flag} must not be empty: give a checkpoint or an exported .onnx")
+        _check(0 < self.canary_percent <= 100, f"--canary-percent must be above 0 and at most 100, got {self.canary_percent}")
+        _check(bool(HEADER_NAME_PATTERN.match(self.canary_header)),
+               f"--canary-header must be an HTTP header name such as X-Client-Id, got {self.canary_header!r}")
+        _check(0 < self.shadow_share <= 1, f"--shadow-share must be above 0 and at most 1 (a share of time), got {self.shadow_share}")
+        _check(self.shadow_queue >= 1, f"--shadow-queue must be at least 1 image, got {self.shadow_queue}")
 
 
 @dataclass(frozen=True)

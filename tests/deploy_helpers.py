@@ -133,4 +133,6 @@ def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 
 def metric(values: dict, name: str, **labels: str) -> float:
-    return values.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of ``name``'s samples that have ``labels`` (and any others: by model, say)."""
+    wanted = set(labels.items())
+    return sum(value for (sample, sample_labels), value in values.items() if sample == name and wanted <= set(sample_labels))

@@ -23,7 +23,7 @@ from cnnkit.inference.onnx import OnnxBackend  # noqa: E402
 from cnnkit.inference.predictor import Predictor  # noqa: E402
 from cnnkit.models.exported import read_metadata  # noqa: E402
 
-from deploy_helpers import CLASSES, NAMES, image_bytes, make_checkpoint, random_image  # noqa: E402
+from deploy_helpers import CLASSES, NAMES, image_bytes, make_checkpoint, metric, metric_values, random_image  # noqa: E402
 from helpers import assert_one_line_error, run_cli  # noqa: E402
 
 TEMPERATURE = 1.7
@@ -142,7 +142,7 @@ def test_create_app_serves_an_onnx_model(onnx_export, checkpoint):
         assert [g["label"] for g in got] == [w.label for w in want]
         assert [g["probability"] for g in got] == pytest.approx([w.probability for w in want], abs=PARITY_ATOL)
         assert client.post("/predict", data=b"x", content_type="text/plain").status_code == 415
-        assert b"cnnkit_images_total 1.0" in client.get("/metrics").data
+        assert metric(metric_values(client.get("/metrics").get_data(as_text=True)), "cnnkit_images_total", role="primary") == 1
     finally:
         app.extensions["cnnkit"].close()
 

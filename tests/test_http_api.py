@@ -257,8 +257,11 @@ def test_the_generated_requests_reached_every_operation_and_the_model(request):
     print(f"generated requests: {sum(per_operation.values())} {dict(per_operation)}")
     assert per_operation["POST /predict"] >= min(50, _budget(1.0)), dict(per_operation)
     assert GENERATED[("POST /predict", 200)] > 0  # the documented examples reach the model
-    assert {"GET /health", "GET /ready", "GET /metadata", "POST /admin/reload"} <= set(per_operation), dict(per_operation)
+    admin = {"POST /admin/reload", "POST /admin/promote", "POST /admin/rollback"}
+    assert {"GET /health", "GET /ready", "GET /metadata", *admin} <= set(per_operation), dict(per_operation)
     assert GENERATED[("POST /admin/reload", 200)] > 0 and GENERATED[("POST /admin/reload", 422)] > 0
+    # (this server has no canary or shadow: there is nothing to promote or roll back)
+    assert GENERATED[("POST /admin/promote", 409)] > 0 and GENERATED[("POST /admin/rollback", 409)] > 0
 
 
 # --- oversized bodies -------------------------------------------------------------------------

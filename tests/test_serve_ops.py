@@ -254,16 +254,175 @@ def test_a_worker_started_after_a_reload_serves_the_reloaded_model(keyed_server)
     assert current != model_version(folder / "a.pt")
 
 
-def test_a_new_worker_serves_the_published_model_or_the_configured_one_if_it_is_gone(tmp_path, monkeypatch):
+def test_a_new_worker_serves_the_published_models_or_the_configured_one_if_they_are_gone(tmp_path, monkeypatch):
     from cnnkit.config import ServeConfig
-    from cnnkit.serve.control import CONTROL_DIR_ENV, publish_model
-    from cnnkit.serve.service import first_model
+    from cnnkit.serve.control import CONTROL_DIR_ENV, Lineup, publish_lineup
+    from cnnkit.serve.rollout import first_models
 
     configured, reloaded = make_checkpoint(tmp_path / "a.pt"), make_checkpoint(tmp_path / "b.pt", temperature=2.0)
+    canary = make_checkpoint(tmp_path / "c.pt", temperature=3.0)
     monkeypatch.setenv(CONTROL_DIR_ENV, str(tmp_path))
     cfg = ServeConfig(str(configured), device="cpu")
-    assert first_model(cfg).version == model_version(configured)  # nothing published yet
-    publish_model(str(reloaded))
-    assert first_model(cfg).version == model_version(reloaded)
+    first = first_models(cfg)  # nothing published yet
+    assert first.primary.version == model_version(configured) and first.canary is None and first.shadow is None
+    publish_lineup(Lineup(primary=str(reloaded), canary=str(canary), canary_percent=25.0))
+    models = first_models(cfg)
+    assert (models.primary.version, models.canary.version, models.canary_percent) == (
+        model_version(reloaded), model_version(canary), 25.0)
     reloaded.unlink()
-    assert first_model(cfg).version == model_version(configured)  # (logged)
+    canary.unlink()
+    models = first_models(cfg)  # (both logged)
+    assert models.primary.version == model_version(configured) and models.canary is None and models.canary_percent == 0
+
+
+# --- canary and shadow ------------------------------------------------------------------------
+
+
+def make_flipped(path: Path, source: Path) -> Path:
+    """``source`` with its last layer's class rows reversed: it answers class 2 - k where the
+    source answers k (so it agrees with it exactly on class 1 of the 3)."""
+    ckpt = load_checkpoint(str(source))
+    for name in ("fc.3.weight", "fc.3.bias"):
+        ckpt.state_dict[name] = ckpt.state_dict[name].flip(0).contiguous()
+    ckpt.save(path)
+    return path
+
+
+def admin(server, action: str, body: dict | None = None):
+    return http(server.base, "POST", f"/admin/{action}", json.dumps(body or {}).encode(), "application/json",
+                bearer(), timeout=60)
+
+
+def predict_as(server, client: str | None, seed: int = 0):
+    headers = {**bearer(), **({"X-Client-Id": client} if client else {})}
+    answer, _ = predict(server, seed, headers)
+    assert answer.status == 200, answer.body[:300]
+    return answer.json
+
+
+def rollout_served(server, primary: str, canary: str | None, timeout: float = 60) -> None:
+    """Wait until every worker serves ``primary`` with ``canary`` (a version, or None)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < server.workers:
+        assert time.monotonic() < deadline, f"not every worker serves {primary} + {canary}:\n{server.log_text()[-3000:]}"
+        meta = http(server.base, "GET", "/metadata", headers=bearer()).json
+        served = meta["rollout"]["canary"]
+        if meta["model_version"] == primary and (served["model_version"] if served else None) == canary:
+            seen.add(meta["serving"]["worker"])
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def canary_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("canary")
+    make_checkpoint(folder / "b.pt", temperature=2.0)
+    make_checkpoint(folder / "c.pt", temperature=3.0)
+    other = load_checkpoint(str(make_checkpoint(folder / "other.pt")))
+    other.classes = list(reversed(other.classes))
+    other.save(folder / "other.pt")
+    instance = start_server(make_checkpoint(folder / "a.pt"), folder / "server.log", "--api-key-file", write_keys(folder),
+                            "--canary", folder / "b.pt", "--canary-percent", "30", "--threads", "8", workers=2)
+    instance.folder = folder
+    yield instance
+    instance.stop()
+
+
+def test_the_canary_answers_its_share_and_a_sticky_client_always_gets_the_same_model(canary_server):
+    from cnnkit.serve.rollout import sticky_share
+
+    a, b = (model_version(canary_server.folder / name) for name in ("a.pt", "b.pt"))
+    before = canary_server.metrics()
+    meta = http(canary_server.base, "GET", "/metadata", headers=bearer()).json
+    assert meta["rollout"]["canary"] == {"model_version": b, "model_file": "b.pt", "backend": "torch", "percent": 30.0,
+                                         "sticky_header": "X-Client-Id"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda seed: predict_as(canary_server, None, seed), range(160)))
+    roles = Counter((answer["model_role"], answer["model_version"]) for answer in answers)
+    assert set(roles) == {("primary", a), ("canary", b)}, roles
+    # 160 draws at 30 %: 48 expected, sd 5.8; 4 sd either side fails one run in 15,000
+    assert abs(roles[("canary", b)] - 48) <= 24, roles
+    for client in (f"client-{i}" for i in range(24)):
+        expected = "canary" if sticky_share(client) < 0.30 else "primary"
+        assert {predict_as(canary_server, client, seed)["model_role"] for seed in range(3)} == {expected}, client
+    after = canary_server.metrics()
+    for role, version in (("primary", a), ("canary", b)):
+        counted = (metric(after, "cnnkit_requests_total", endpoint="/predict", status="200", role=role, model_version=version)
+                   - metric(before, "cnnkit_requests_total", endpoint="/predict", status="200", role=role, model_version=version))
+        images = (metric(after, "cnnkit_images_total", role=role, model_version=version)
+                  - metric(before, "cnnkit_images_total", role=role, model_version=version))
+        assert counted >= roles[(role, version)] and counted == images, (role, counted, images)
+    assert metric(after, "cnnkit_model_info", model_version=b, role="canary") == 1
+
+
+def test_promote_reload_and_rollback_switch_every_worker_and_fail_no_request(canary_server):
+    folder = canary_server.folder
+    a, b, c = (model_version(folder / name) for name in ("a.pt", "b.pt", "c.pt"))
+    with Load(canary_server) as load:
+        time.sleep(0.3)
+        answer = admin(canary_server, "promote")
+        assert answer.status == 200, answer.body[:500]
+        assert (answer.json["status"], answer.json["model_version"], answer.json["previous_version"]) == ("promoted", b, a)
+        rollout_served(canary_server, b, None)
+        assert admin(canary_server, "promote").status == 409  # no canary left
+        bad = admin(canary_server, "reload", {"checkpoint": str(folder / "other.pt"), "role": "canary"})
+        assert bad.status == 422 and "classes differ" in bad.json["error"], bad.body[:300]
+        answer = admin(canary_server, "reload", {"checkpoint": str(folder / "c.pt"), "role": "canary"})
+        assert answer.status == 200 and (answer.json["role"], answer.json["role_version"]) == ("canary", c), answer.body[:300]
+        rollout_served(canary_server, b, c)
+        time.sleep(0.3)
+        answer = admin(canary_server, "rollback")
+        assert answer.status == 200 and answer.json["status"] == "rolled back" and answer.json["previous_version"] == c
+        rollout_served(canary_server, b, None)
+        time.sleep(0.3)
+    assert all(answer.status == 200 for answer in load.answers), Counter(answer.status for answer in load.answers)
+    versions = Counter((answer.json["model_role"], answer.json["model_version"]) for answer in load.answers)
+    assert set(versions) <= {("primary", a), ("canary", b), ("primary", b), ("canary", c)}, versions
+    assert versions[("primary", b)] > 0 and versions[("canary", c)] > 0, versions
+    assert canary_server.alive() and not canary_server.server_errors()
+    after = canary_server.metrics()
+    assert metric(after, "cnnkit_model_info", model_version=b, role="primary") == 1
+    assert metric(after, "cnnkit_model_info", model_version=c, role="canary") == 0  # rolled back
+
+
+def test_the_shadow_scores_copies_off_the_request_path_and_reports_agreement(tmp_path):
+    primary = make_checkpoint(tmp_path / "a.pt")
+    flipped = make_flipped(tmp_path / "flipped.pt", primary)
+    server = start_server(primary, tmp_path / "server.log", "--shadow", flipped, "--shadow-share", "1",
+                          "--shadow-queue", "4", workers=1)
+    try:
+        a, s = model_version(primary), model_version(flipped)
+        answers = [predict(server, seed)[0].json for seed in range(12)]  # one at a time: idle between them
+        assert {(x["model_role"], x["model_version"]) for x in answers} == {("primary", a)}  # the primary answers
+        deadline = time.monotonic() + 30
+        while metric(server.metrics(), "cnnkit_shadow_images_total", result="scored") < 12:
+            assert time.monotonic() < deadline, server.log_text()[-3000:]
+            time.sleep(0.05)
+        found = server.metrics()
+        middle = sum(x["results"][0]["predictions"][0]["label"] == "dog" for x in answers)  # class 1 of 3
+        assert metric(found, "cnnkit_shadow_agreement_total", model_version=s) == middle
+        assert metric(found, "cnnkit_shadow_images_total", model_version=s, result="scored") == 12
+        assert metric(found, "cnnkit_shadow_confidence_count", model_version=s) == 12
+        assert metric(found, "cnnkit_model_info", model_version=s, role="shadow") == 1
+        assert http(server.base, "GET", "/metadata").json["rollout"]["shadow"]["model_version"] == s
+        # 8 images in one request, 4 places in the shadow's queue: 4 copies are dropped, at once
+        body, content_type = multipart([("image", f"i{i}.png", image_bytes(i)) for i in range(8)])
+        assert http(server.base, "POST", "/predict", body, content_type).status == 200
+        time.sleep(0.2)
+        assert metric(server.metrics(), "cnnkit_shadow_images_total", model_version=s, result="dropped") == 4
+        assert not server.server_errors()
+    finally:
+        server.stop()
+
+
+def test_a_candidate_with_other_classes_is_refused_at_start_in_one_line(tmp_path):
+    from helpers import cli_subprocess_env, run_cli
+
+    other = load_checkpoint(str(make_checkpoint(tmp_path / "other.pt")))
+    other.classes = list(reversed(other.classes))
+    other.save(tmp_path / "other.pt")
+    for flag in ("--canary", "--shadow"):
+        result = run_cli(["serve", str(make_checkpoint(tmp_path / "m.pt")), flag, str(tmp_path / "other.pt")],
+                         cli_subprocess_env(tmp_path / "th"), timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "classes differ" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -19,7 +19,10 @@ Endpoints::
     GET  /openapi.json  the OpenAPI 3 description of all of the above (``cnnkit/openapi.json``)
     GET  /           a page to try the model in a browser (``page.html``: self-contained, offline)
     POST /admin/reload  load the model again (changed on disk) or another one, in every worker,
-                     without dropping a request (needs --api-key-file; SIGHUP does the same)
+                     without dropping a request (needs --api-key-file; SIGHUP does the same);
+                     {"role": "canary"} or "shadow" loads a candidate instead of the primary
+    POST /admin/promote  the canary (or the shadow) becomes the primary model, in every worker
+    POST /admin/rollback  drop the canary (or the shadow), in every worker
     GET  /ping       SageMaker's name for /ready
     POST /invocations  SageMaker's name for /predict; also takes the image itself as the body
                      (image/*, application/x-image, application/octet-stream), top_k in the query
@@ -38,7 +41,8 @@ multipart parts, 415 wrong content type, 422 an image that cannot be decoded (no
 corrupt, truncated, too many pixels, too elongated; or a reload the model named cannot pass), 500
 internal failure (logged), 503 not ready, overloaded (the worker holds its ``--max-queue`` images:
 answered at once, with Retry-After) or timed out waiting for the model; with ``--api-key-file``,
-401 without a known ``Authorization: Bearer`` key, and 403 for /admin/* without it. Under ``cnnkit serve`` (gunicorn with
+401 without a known ``Authorization: Bearer`` key, and 403 for /admin/* without it; 409 for
+/admin/* naming a role with no model (no canary to promote). Under ``cnnkit serve`` (gunicorn with
 :class:`BoundedThreadWorker`), errors gunicorn itself answers (a malformed request line or
 headers, bad chunked encoding) are JSON too, and reading one request, headers and body, may take
 at most ``timeout`` seconds: a client that stalls or trickles bytes holds a request thread no
@@ -49,19 +53,26 @@ request carrying the header ``X-Cnnkit-Test-Fault: model`` makes the model raise
 so tests can check that an internal failure is a 500 and the worker goes on serving. Never set it
 in production.
 
-The package, by layer (imports go one way: launcher → app → service → batcher, admission, model,
-control and metrics; parsing, auth, page and sizing are leaves that the others import; gunicorn
-loads the worker by name)::
+A ``--canary`` model answers ``--canary-percent`` of the requests (routed by a stable hash of the
+``--canary-header`` value when a request has one), a ``--shadow`` model scores copies of the
+primary's requests while the worker is idle; every request metric is labelled by the model's
+role and version.
+
+The package, by layer (imports go one way: launcher → app → service → rollout, shadow, batcher,
+admission and metrics → model, control; parsing, auth, page and sizing are leaves that the
+others import; gunicorn loads the worker by name)::
 
     launcher.py  serve(cfg): checks, then gunicorn; gunicorn_options
     worker.py    BoundedThreadWorker (gunicorn gthread: request deadline, JSON errors, accept)
     app.py       create_app: Flask routes, JSON errors, the request log; openapi_spec
     page.py      the browser page (page.html) and its Content-Security-Policy
-    service.py   ModelService: image bytes → decode → batch → predict → encode → dict; reload
+    service.py   ModelService: image bytes → decode → route → batch → predict → encode → dict
+    rollout.py   Models (primary, canary, shadow), route, Rollout (reload, promote, rollback, sync)
+    shadow.py    ShadowScorer: copies of the primary's traffic, scored when the worker is idle
     model.py     ServedModel (one model as served, checked), load_served_model, model_file
     admission.py Admission: the --max-queue bound, shedding with Retry-After
     auth.py      ApiKeys (--api-key-file), constant-time Bearer check
-    control.py   how a reload reaches every worker (a shared file + SIGHUP via the master)
+    control.py   how a change of models reaches every worker (a shared file + SIGHUP via the master)
     batcher.py   MicroBatcher          metrics.py  Prometheus metrics, the multi-process folder
     parsing.py   request parsing, HttpError, error_body
     sizing.py    worker_count, torch_threads

@@ -20,9 +20,11 @@ from ..errors import require_extra
 from .auth import REALM, ApiKeys
 from .page import page
 from .parsing import (
+    PREDICT_PATHS,
     TEST_FAULT_HEADER,
     HttpError,
     error_body,
+    parse_candidate_request,
     parse_invocations_request,
     parse_predict_request,
     parse_reload_request,
@@ -30,7 +32,6 @@ from .parsing import (
 from .service import ModelService
 
 request_log = logging.getLogger("cnnkit.serve.requests")
-PREDICT_PATHS = ("/predict", "/invocations")  # logged at INFO; /invocations is SageMaker's name for /predict
 ADMIN_PREFIX = "/admin/"
 PROTECTED_PATHS = (*PREDICT_PATHS, "/metadata")  # with --api-key-file (and /admin/*; /metrics with --protect-metrics)
 
@@ -110,7 +111,6 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
     _setup_logging()
     keys = ApiKeys.from_file(cfg.api_key_file) if cfg.api_key_file else None
     service = ModelService(cfg)
-    service.metrics.declare(PREDICT_PATHS)
     spec = openapi_spec(cfg)
     app = Flask("cnnkit.serve")  # the name (and app.logger) it had before cnnkit.serve was a package
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_bytes
@@ -155,9 +155,11 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
     def _finish(response: Response) -> Response:
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        service.metrics.latency.labels(endpoint).observe(seconds)
-        response.headers["X-Model-Version"] = g.get("model_version") or service.model_version
+        version = g.get("model_version") or service.model_version
+        model = (g.get("model_role") or "primary", version)  # the model that answered, or the primary
+        service.metrics.requests.labels(endpoint, str(response.status_code), *model).inc()
+        service.metrics.latency.labels(endpoint, *model).observe(seconds)
+        response.headers["X-Model-Version"] = version
         record: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "event": "request",
@@ -193,9 +195,9 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
             g.images = len(blobs)
             return blobs, top_k
 
-        answer = service.predict(read, started, fault)
-        g.model_version = answer["model_version"]  # the model that answered, across a reload
-        return jsonify(answer)
+        to = service.route(request.headers.get(cfg.canary_header) or None)
+        g.model_version, g.model_role = to.model.version, to.role  # the metrics' labels, errors included
+        return jsonify(service.predict(read, started, fault, to))
 
     @app.post("/predict")
     def predict() -> Response:
@@ -209,7 +211,21 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
     @app.post("/admin/reload")
     def reload() -> Response:
         """Load a checkpoint (the one served, changed on disk, or another) in every worker."""
-        answer = service.reload(parse_reload_request(request, cfg))
+        answer = service.reload(*parse_reload_request(request, cfg))
+        g.model_version = answer["model_version"]
+        return jsonify(answer)
+
+    @app.post("/admin/promote")
+    def promote() -> Response:
+        """The canary (or shadow) becomes the primary model, in every worker."""
+        answer = service.promote(parse_candidate_request(request, cfg))
+        g.model_version = answer["model_version"]
+        return jsonify(answer)
+
+    @app.post("/admin/rollback")
+    def rollback() -> Response:
+        """Drop the canary (or shadow), in every worker."""
+        answer = service.rollback(parse_candidate_request(request, cfg))
         g.model_version = answer["model_version"]
         return jsonify(answer)
 

@@ -3,8 +3,12 @@ forward passes of at most ``max_batch`` images, and hands each request its rows 
 
 Request threads take a *ticket* before they read and decode their images, so the batcher knows
 a request is on its way and waits for it (up to ``max_wait_ms``), and not at all when none is.
-A job may carry a *key* (the model it was prepared for, across a reload): jobs of different
-keys are never batched together, and the key is passed to ``score``.
+A job may carry a *key* (the model it was prepared for, across a reload, or the canary): jobs
+of different keys are never batched together, and the key is passed to ``score``.
+
+*Background* work (the shadow model's scoring) runs on the batcher's thread only when no job is
+queued or on its way, and only when it says it is :meth:`~Background.ready`; one step at a time,
+so a request that arrives meanwhile waits for one step at most.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -23,6 +27,20 @@ log = logging.getLogger(__name__)
 
 
 Score = Callable[[torch.Tensor, Any], torch.Tensor]  # (batch, the jobs' key) -> probabilities
+BACKGROUND_POLL_S = 0.02  # while background work waits but may not run yet: how often to ask again
+
+
+class Background(Protocol):
+    """Work the batcher's thread does when it has no job (see the module's docstring)."""
+
+    def pending(self) -> bool:
+        """Work is waiting (the batcher then asks :meth:`ready` every BACKGROUND_POLL_S)."""
+
+    def ready(self) -> bool:
+        """It may run now."""
+
+    def step(self) -> None:
+        """Do a short piece of it."""
 
 
 class _Job:
@@ -67,14 +85,16 @@ class MicroBatcher:
         score: Score,
         max_batch: int,
         max_wait_ms: float,
-        on_batch: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[int, float, Any], None] | None = None,
         warmup: Callable[[], None] | None = None,
+        background: Background | None = None,
     ):
         self._score = score
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self._on_batch = on_batch
         self._warmup = warmup
+        self._background = background
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._arriving = 0
@@ -98,6 +118,11 @@ class MicroBatcher:
     def submit(self, batch: torch.Tensor, fault: bool = False, key: Any = None) -> _Job:
         """Queue ``batch`` to be scored with jobs of the same ``key`` (compared by identity)."""
         return self._enqueue(_Job(batch, fault, key), arrived=False)
+
+    def nudge(self) -> None:
+        """Background work was added: the batcher looks at it if idle."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _enqueue(self, job: _Job, arrived: bool) -> _Job:
         with self._cond:
@@ -146,11 +171,22 @@ class MicroBatcher:
                 return
             if jobs:
                 self._execute(jobs)
+            elif self._background is not None and self._background.ready():  # (not: every job popped was cancelled)
+                try:
+                    self._background.step()
+                except Exception:  # background work never stops the batcher
+                    log.exception("background work failed")
 
     def _gather(self) -> list[_Job] | None:
         with self._cond:
             while not self._jobs and not self._stopping:
-                self._cond.wait()
+                background = self._background
+                if background is None or self._arriving > 0 or not background.pending():
+                    self._cond.wait()
+                elif background.ready():
+                    return []  # idle: time for a step of background work
+                else:
+                    self._cond.wait(BACKGROUND_POLL_S)
             if not self._jobs:
                 return None  # stopping, nothing left
             jobs: list[_Job] = []
@@ -179,7 +215,7 @@ class MicroBatcher:
             began = time.perf_counter()
             parts.append(self._score(chunk, key))
             if self._on_batch is not None:
-                self._on_batch(len(chunk), time.perf_counter() - began)
+                self._on_batch(len(chunk), time.perf_counter() - began, key)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _execute(self, jobs: list[_Job]) -> None:

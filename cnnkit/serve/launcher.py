@@ -46,8 +46,24 @@ def gunicorn_options(cfg: ServeConfig) -> dict[str, Any]:
     return options
 
 
-def _check_model(cfg: ServeConfig) -> str:
-    """Fail fast, in the master, on a model file the workers could not load; a one-line summary.
+def _check_models(cfg: ServeConfig) -> str:
+    """Fail fast, in the master, on a model file the workers could not load, or a canary or
+    shadow whose classes are not the primary's; a one-line summary."""
+    primary, summary = _check_model(cfg, cfg.checkpoint)
+    for flag, path in (("--canary", cfg.canary), ("--shadow", cfg.shadow)):
+        if path is None:
+            continue
+        candidate, line = _check_model(cfg, path)
+        if candidate.classes != primary.classes:
+            raise ConfigError(f"{flag} {path}: its classes differ from {cfg.checkpoint}'s ({len(candidate.classes)} vs "
+                              f"{len(primary.classes)}, or in order); a candidate must answer with the same classes")
+        summary += f"; {flag[2:]} {line}"
+    return summary
+
+
+def _check_model(cfg: ServeConfig, path: str) -> tuple[Any, str]:
+    """The checkpoint (or an export's metadata) at ``path`` and a one-line summary; raises
+    CnnkitError where a worker could not load it.
 
     No model runs before gunicorn forks its workers, and what torch does here (loading the
     checkpoint hashes its weights, which copies channels-last tensors, as training saves them,
@@ -56,9 +72,9 @@ def _check_model(cfg: ServeConfig) -> str:
     """
     from ..data.folders import load_category_names
 
-    if is_onnx_file(cfg.checkpoint):
+    if is_onnx_file(path):
         require_extra("export", "onnx", "onnxruntime")
-        ckpt = checkpoint_from_metadata(read_metadata(cfg.checkpoint), cfg.checkpoint)
+        ckpt = checkpoint_from_metadata(read_metadata(path), path)
         kind = "ONNX model"
     else:
         import torch
@@ -68,14 +84,14 @@ def _check_model(cfg: ServeConfig) -> str:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            ckpt = load_checkpoint(cfg.checkpoint)
+            ckpt = load_checkpoint(path)
         finally:
             torch.set_num_threads(threads)  # (sets the count only: no thread starts until a parallel loop)
         kind = "checkpoint"
     if cfg.category_names:
         load_category_names(cfg.category_names, ckpt.classes)
     drift = "with" if getattr(ckpt, "reference_stats", None) else "without"
-    return f"{kind} {cfg.checkpoint}: {ckpt.arch}, {len(ckpt.classes)} classes, {drift} drift reference"
+    return ckpt, f"{kind} {path}: {ckpt.arch}, {len(ckpt.classes)} classes, {drift} drift reference"
 
 
 def _check_port(host: str, port: int) -> None:
@@ -94,8 +110,9 @@ def serve(cfg: ServeConfig) -> None:
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
 
-    cfg = dataclasses.replace(cfg, checkpoint=model_file(cfg.checkpoint))
-    summary = _check_model(cfg)
+    cfg = dataclasses.replace(cfg, checkpoint=model_file(cfg.checkpoint), canary=cfg.canary and model_file(cfg.canary),
+                              shadow=cfg.shadow and model_file(cfg.shadow))
+    summary = _check_models(cfg)
     keys = ApiKeys.from_file(cfg.api_key_file) if cfg.api_key_file else None
     _check_port(cfg.host, cfg.port)
 

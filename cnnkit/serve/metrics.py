@@ -36,17 +36,30 @@ class Metrics:
         if self.multiprocess_dir and not os.path.isdir(self.multiprocess_dir):
             raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR is not a folder: {self.multiprocess_dir}")
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("cnnkit_requests", "HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("cnnkit_request_duration_seconds", "HTTP request latency by endpoint.",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("cnnkit_batch_size", "Images per forward pass.", buckets=BATCH_BUCKETS, registry=r)
-        self.forward = Histogram("cnnkit_forward_duration_seconds", "Duration of one forward pass.",
+        model = ["role", "model_version"]  # which model answered: primary or canary, and its version
+        self.requests = Counter("cnnkit_requests", "HTTP requests by endpoint, status code and the model that answered.",
+                                ["endpoint", "status", *model], registry=r)
+        self.latency = Histogram("cnnkit_request_duration_seconds", "HTTP request latency by endpoint and model.",
+                                 ["endpoint", *model], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("cnnkit_batch_size", "Images per forward pass.", model, buckets=BATCH_BUCKETS, registry=r)
+        self.forward = Histogram("cnnkit_forward_duration_seconds", "Duration of one forward pass.", model,
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.images = Counter("cnnkit_images", "Images scored.", registry=r)
-        self.predicted = Counter("cnnkit_predicted_class", "Top-1 predictions by class label.", ["label"], registry=r)
-        self.confidence = Histogram("cnnkit_prediction_confidence", "Top-1 probability of each scored image.",
+        self.images = Counter("cnnkit_images", "Images scored.", model, registry=r)
+        self.predicted = Counter("cnnkit_predicted_class", "Top-1 predictions by class label.", ["label", *model],
+                                 registry=r)
+        self.confidence = Histogram("cnnkit_prediction_confidence", "Top-1 probability of each scored image.", model,
                                     buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.shadow_images = Counter("cnnkit_shadow_images", "Copies of the primary's images for the shadow model, by "
+                                     "result (scored; dropped: the shadow was busy or replaced; failed).",
+                                     ["model_version", "result"], registry=r)
+        self.shadow_agreement = Counter("cnnkit_shadow_agreement", "Shadow-scored images whose top-1 class is the "
+                                        "primary's (divide by cnnkit_shadow_images_total{result=\"scored\"}).",
+                                        ["model_version"], registry=r)
+        self.shadow_confidence = Histogram("cnnkit_shadow_confidence", "The shadow model's top-1 probability.",
+                                           ["model_version"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.shadow_class_psi = Gauge("cnnkit_shadow_class_psi", "PSI of the shadow's top-1 class mix against the "
+                                      "primary's on the same recent images (the highest over live workers).",
+                                      ["model_version"], multiprocess_mode="livemax", registry=r)
         self.shed = Counter("cnnkit_shed", "Requests refused at once (503, Retry-After) because the worker held "
                             "its --max-queue images.", registry=r)
         self.max_queue = Gauge("cnnkit_max_queue_images", "Images the workers hold at most (summed over live workers).",
@@ -71,17 +84,20 @@ class Metrics:
         self.workers_ready = Gauge("cnnkit_workers_ready",
                                    "Workers whose model is loaded and warmed up (summed over live workers).",
                                    multiprocess_mode="livesum", registry=r)
-        self.model_info = Gauge("cnnkit_model_info", "The model served (value 1).", ["model_version", "arch", "backend"],
-                                multiprocess_mode="livemax", registry=r)
+        self.model_info = Gauge("cnnkit_model_info", "The models served (value 1), by role: primary, canary, shadow.",
+                                ["model_version", "arch", "backend", "role"], multiprocess_mode="livemax", registry=r)
 
-    def declare(self, endpoints: tuple[str, ...], statuses: tuple[str, ...] = ("200", "500", "503")) -> None:
-        """Create the request series of ``endpoints`` at 0: a counter that first appears already
-        counting hides its first requests from rate(), and an absent 5xx series makes the error
-        ratio absent instead of 0."""
+    def declare(self, endpoints: tuple[str, ...], role: str, version: str,
+                statuses: tuple[str, ...] = ("200", "500", "503")) -> None:
+        """Create a model's series at 0 (its requests to ``endpoints``, its images, batches and
+        confidence): a counter that first appears already counting hides its first requests
+        from rate(), and an absent 5xx series makes the error ratio absent instead of 0."""
         for endpoint in endpoints:
-            self.latency.labels(endpoint)
+            self.latency.labels(endpoint, role, version)
             for status in statuses:
-                self.requests.labels(endpoint, status)
+                self.requests.labels(endpoint, status, role, version)
+        for series in (self.images, self.batch_size, self.forward, self.confidence):
+            series.labels(role, version)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest

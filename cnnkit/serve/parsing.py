@@ -27,6 +27,9 @@ class RequestTimeout(TimeoutError):
     """A client did not send its whole request (headers and body) within the server's timeout."""
 
 
+PREDICT_PATHS = ("/predict", "/invocations")  # /invocations is SageMaker's name for /predict
+
+
 class HttpError(Exception):
     """A request the server refuses: becomes a JSON error body with ``status``."""
 
@@ -199,18 +202,42 @@ def parse_predict_request(request: Any, cfg: ServeConfig, query_k: str | None = 
                          f"file field, or application/json with a base64 'image' or 'images'{raw}")
 
 
-def parse_reload_request(request: Any, cfg: ServeConfig) -> str | None:
-    """The model ``POST /admin/reload`` names (``{"checkpoint": "path"}``), or None (no body, or
-    ``{}``: the file served now, reread), or HttpError."""
+def _admin_body(request: Any, cfg: ServeConfig, fields: set[str], shape: str) -> dict[str, Any]:
     raw = _read_whole_body(request, cfg)  # (a slow or oversized body: 408 or 413, as for /predict)
     if not raw.strip():
-        return None
+        return {}
     body = _parse_json(raw)
-    if not isinstance(body, dict) or set(body) - {"checkpoint"}:
-        raise HttpError(400, 'the body must be {} or {"checkpoint": "<path on the server>"}')
+    if not isinstance(body, dict) or set(body) - fields:
+        raise HttpError(400, f"the body must be {shape}")
+    return body
+
+
+def _role(body: dict[str, Any], default: str, allowed: tuple[str, ...]) -> str:
+    role = body.get("role")
+    if role is None:
+        return default
+    if role not in allowed:
+        raise HttpError(400, f'"role" must be one of {", ".join(allowed)}')
+    return role
+
+
+def parse_reload_request(request: Any, cfg: ServeConfig) -> tuple[str | None, str]:
+    """``POST /admin/reload``'s ``(path, role)``: the model named (``{"checkpoint": "path"}``) or
+    None (no body, or no "checkpoint": the role's file, reread), and the role it is loaded into
+    (``"role"``: primary by default, canary or shadow); or HttpError."""
+    body = _admin_body(request, cfg, {"checkpoint", "role"},
+                       '{} or {"checkpoint": "<path on the server>", "role": "primary|canary|shadow"}')
+    role = _role(body, "primary", ("primary", "canary", "shadow"))
     path = body.get("checkpoint")
     if path is None:
-        return None
+        return None, role
     if not isinstance(path, str) or not path.strip() or "\x00" in path:
         raise HttpError(400, '"checkpoint" must be a path on the server (a non-empty string)')
-    return path
+    return path, role
+
+
+def parse_candidate_request(request: Any, cfg: ServeConfig) -> str:
+    """The candidate role ``POST /admin/promote`` and ``/admin/rollback`` act on: ``{"role":
+    "canary"}`` (the default, also for no body) or ``"shadow"``; or HttpError."""
+    body = _admin_body(request, cfg, {"role"}, '{} or {"role": "canary|shadow"}')
+    return _role(body, "canary", ("canary", "shadow"))

@@ -13,22 +13,22 @@ import os
 import threading
 import time
 from contextlib import ExitStack
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..config import ServeConfig
 from ..data.transforms import load_image
 from ..drift import SIGNALS, image_brightness, reference_confidence_mean
-from ..errors import CnnkitError, ImageError
-from ..models.exported import model_version
+from ..errors import ImageError
 from ..runtime import release_memory
 from .admission import Admission
 from .batcher import MicroBatcher
-from .control import publish_model, published_model, tell_workers
 from .metrics import Metrics
-from .model import ServedModel, load_served_model, model_file
-from .parsing import TEST_FAULT_HEADER, HttpError, which_image
+from .model import ServedModel
+from .parsing import PREDICT_PATHS, TEST_FAULT_HEADER, HttpError, which_image
+from .rollout import CANARY, PRIMARY, Models, Rollout, Route, first_models, route
+from .shadow import ShadowScorer
 from .sizing import torch_threads
 
 log = logging.getLogger(__name__)
@@ -39,27 +39,15 @@ RATE_BATCH = 4  # images per pass when the warm-up measures the forward-pass rat
 RELEASE_DELAY_S = 5.0  # after a reload: when the old model's memory is handed back
 
 
-def first_model(cfg: ServeConfig) -> ServedModel:
-    """The model a reload published, for a worker started after it (cnnkit.serve.control), or
-    the configured one; the configured one too if the published file is gone or broken."""
-    published = published_model()
-    if published is not None:
-        try:
-            return load_served_model(cfg, published, check=False)
-        except CnnkitError as exc:
-            log.error("worker %d: cannot load %s, the model a reload named (%s); serving %s",
-                      os.getpid(), published, exc, cfg.checkpoint)
-    return load_served_model(cfg, cfg.checkpoint, check=False)
-
-
 class ModelService:
-    """One worker's model, batcher, admission, metrics and drift monitor; what the Flask routes call.
+    """One worker's models, batcher, admission, metrics and drift monitor; what the Flask routes call.
 
     The model's side of serving, with no HTTP in it: :meth:`predict` takes a request's image
     bytes and returns its answer as a plain dict, or raises :class:`HttpError`. The batcher and
     the metrics are parts of their own, made by ``batcher`` and ``metrics`` (the classes by
-    default), so either can be swapped without touching the service. :meth:`reload` swaps the
-    model (:class:`~cnnkit.serve.model.ServedModel`) between requests.
+    default), so either can be swapped without touching the service. Which models answer, and
+    the operator's changes to them (reload, promote, rollback), are :attr:`rollout`'s; the
+    shadow's scoring is :attr:`shadow`'s, run by the batcher when the worker is idle.
     """
 
     def __init__(self, cfg: ServeConfig, *, batcher: Callable[..., MicroBatcher] = MicroBatcher,
@@ -68,29 +56,37 @@ class ModelService:
         self.worker = os.getpid()
         self.torch_threads = torch_threads(cfg)
         torch.set_num_threads(self.torch_threads)  # before the model (and ONNX Runtime) is set up
-        self.model: ServedModel = first_model(cfg)
+        models = first_models(cfg)
         self.test_hooks = os.environ.get(TEST_HOOKS_ENV) == "1"
         self.slow = float(os.environ.get(TEST_SLOW_ENV, "0") or 0) / 1000 if self.test_hooks else 0.0
         if self.test_hooks:
             log.warning("%s=1: test fault injection is ON (header %s); never use this in production",
                         TEST_HOOKS_ENV, TEST_FAULT_HEADER)
-        self.metrics = metrics(drift=self.model.drift is not None)
+        self.metrics = metrics(drift=models.primary.drift is not None)
         self.metrics.workers_ready.set(0)  # 1 once warmed up (_warm_up)
-        self._show(self.model, None)
+        self.rollout = Rollout(cfg, models, on_swap=self._swapped, on_reload=lambda result: self.metrics.reloads.labels(result).inc())
+        self._show(models, None)
         self.admission = Admission(cfg.max_queue, cfg.queue_target_ms, on_shed=self.metrics.shed.inc)
+        self.shadow = ShadowScorer(self.metrics, cfg.shadow_queue, cfg.shadow_share, cfg.drift_window,
+                                   busy=lambda: self.admission.held > 0, current=lambda: self.rollout.models.shadow)
         self._drift_updated = 0.0
         self._drift_reported = False
         self._drift_lock = threading.Lock()
-        self._reload_lock = threading.Lock()
         self.batcher = batcher(self._score, cfg.max_batch, cfg.max_wait_ms, on_batch=self._on_batch,
-                               warmup=self._warm_up).start()
+                               warmup=self._warm_up, background=self.shadow).start()
+
+    @property
+    def model(self) -> ServedModel:
+        """The primary model."""
+        return self.rollout.models.primary
 
     @property
     def model_version(self) -> str:
         return self.model.version
 
     def _warm_up(self) -> None:
-        self.model.check()
+        for _, model in self.rollout.models.roles():
+            model.check()
         self._calibrate(self.model)
         self.metrics.workers_ready.set(1)  # (a failed warm-up raises first: the worker stays unready)
 
@@ -102,30 +98,62 @@ class ModelService:
                  "--max-queue" if self.cfg.max_queue else f"what it clears in --queue-target-ms {self.cfg.queue_target_ms:g}")
         self.metrics.max_queue.set(self.admission.max_queue or 0)
 
+    def role_of(self, model: ServedModel) -> str:
+        return CANARY if model is self.rollout.models.canary else PRIMARY
+
     def _score(self, batch: torch.Tensor, model: ServedModel | None) -> torch.Tensor:
         if self.slow:
             time.sleep(self.slow)
         return (model or self.model).score(batch)
 
-    def _on_batch(self, size: int, seconds: float) -> None:
-        self.metrics.batch_size.observe(size)
-        self.metrics.forward.observe(seconds)
+    def _on_batch(self, size: int, seconds: float, model: ServedModel | None) -> None:
+        model = model or self.model
+        labels = (self.role_of(model), model.version)
+        self.metrics.batch_size.labels(*labels).observe(size)
+        self.metrics.forward.labels(*labels).observe(seconds)
 
-    def _show(self, model: ServedModel, previous: ServedModel | None) -> None:
+    def _show(self, models: Models, previous: Models | None) -> None:
+        """``cnnkit_model_info``: 1 for each model served in its role, 0 for those no longer."""
         info = self.metrics.model_info
+        now = {(model.version, model.checkpoint.arch, model.backend, role) for role, model in models.roles()}
         if previous is not None:
-            info.labels(previous.version, previous.checkpoint.arch, previous.backend).set(0)
-        info.labels(model.version, model.checkpoint.arch, model.backend).set(1)
-        if model.drift is not None and self.metrics.has_drift:
-            self.metrics.reference_confidence.set(reference_confidence_mean(model.drift.reference))
+            for role, model in previous.roles():
+                labels = (model.version, model.checkpoint.arch, model.backend, role)
+                if labels not in now:
+                    info.labels(*labels).set(0)
+        for labels in now:
+            info.labels(*labels).set(1)
+        for role, model in models.roles():
+            if role != "shadow":
+                self.metrics.declare(PREDICT_PATHS, role, model.version)
+        primary = models.primary
+        if primary.drift is not None and self.metrics.has_drift:
+            self.metrics.reference_confidence.set(reference_confidence_mean(primary.drift.reference))
+
+    def _swapped(self, previous: Models, models: Models) -> None:
+        """After a reload, promotion or rollback: metrics, the queue bound, memory."""
+        self._show(models, previous)
+        if models.primary is not previous.primary:
+            if self.batcher.ready.is_set():  # (before the warm-up, it calibrates)
+                self._calibrate(models.primary)
+            self._drift_reported = False
+        # Once the requests begun on a dropped model are answered, its memory goes back to the OS.
+        release = threading.Timer(RELEASE_DELAY_S, release_memory)
+        release.daemon = True
+        release.start()
 
     def close(self) -> None:
         self.batcher.stop()
 
     # -- /predict --
 
+    def route(self, sticky: str | None = None) -> Route:
+        """The model that answers a request now (the canary's share by ``sticky``, the request's
+        canary routing key, if any), and the shadow that gets a copy of its answer."""
+        return route(self.rollout.models, sticky)
+
     def predict(self, read: Callable[[], tuple[list[tuple[str | None, bytes]], int]], started: float,
-                fault: bool = False) -> dict[str, Any]:
+                fault: bool = False, to: Route | None = None) -> dict[str, Any]:
         """One request, decode → batch → predict → encode: its answer, or HttpError.
 
         ``read()`` reads and parses the request into ``([(filename or None, bytes), ...], top_k)``.
@@ -134,9 +162,10 @@ class ModelService:
         its ``max_queue`` images refuses the request once parsed, before decoding it (503 with
         Retry-After). ``started`` is the request's ``time.perf_counter()`` on arrival: the
         timeout and ``time_ms`` count from it. ``fault`` is the test hook's (the model raises
-        while scoring this request). The model is the one served when the request arrived.
+        while scoring this request). ``to`` is the request's :meth:`route` (default: routed now);
+        the answer's ``model_role`` says which model gave it (primary or canary).
         """
-        model = self.model
+        model, role, shadow = to or self.route()
         with ExitStack() as holding:
             with self.batcher.ticket() as ticket:
                 blobs, top_k = read()
@@ -149,7 +178,11 @@ class ModelService:
                 if exc.status == 503:  # timed out (or stopping): when to come back
                     exc.headers.setdefault("Retry-After", str(self.admission.retry_after()))
                 raise
-        return self.respond(blobs, batch, probs, top_k, started, model)
+        answer = self.respond(blobs, batch, probs, top_k, started, model, role)
+        if shadow is not None:
+            self.shadow.offer(shadow, model, blobs, batch, probs.argmax(dim=1).tolist())
+            self.batcher.nudge()
+        return answer
 
     def prepare(self, blobs: Sequence[tuple[str | None, bytes]], model: ServedModel | None = None) -> torch.Tensor:
         """Decode and preprocess request images (in the request's thread) into one batch."""
@@ -167,7 +200,7 @@ class ModelService:
         return torch.stack(tensors)
 
     def respond(self, blobs: Sequence[tuple[str | None, bytes]], batch: torch.Tensor, probs: torch.Tensor,
-                top_k: int, started: float, model: ServedModel | None = None) -> dict[str, Any]:
+                top_k: int, started: float, model: ServedModel | None = None, role: str = PRIMARY) -> dict[str, Any]:
         model = model or self.model
         predictor = model.predictor
         k = min(top_k, len(predictor.classes))
@@ -183,22 +216,24 @@ class ModelService:
                 for p, i in zip(row_p, row_i)
             ]
             results.append(item)
-        self._observe(model, batch, values[:, 0], indices[:, 0])
+        self._observe(model, role, batch, values[:, 0], indices[:, 0])
         return {
             "model_version": model.version,
+            "model_role": role,
             "top_k": k,
             "results": results,
             "time_ms": round((time.perf_counter() - started) * 1000, 2),
         }
 
-    def _observe(self, model: ServedModel, batch: torch.Tensor, confidence: torch.Tensor, top1: torch.Tensor) -> None:
-        m = self.metrics
-        m.images.inc(len(top1))
+    def _observe(self, model: ServedModel, role: str, batch: torch.Tensor, confidence: torch.Tensor,
+                 top1: torch.Tensor) -> None:
+        m, labels = self.metrics, (role, model.version)
+        m.images.labels(*labels).inc(len(top1))
         for label_index, p in zip(top1.tolist(), confidence.tolist()):
-            m.predicted.labels(model.classes[label_index]).inc()
-            m.confidence.observe(p)
+            m.predicted.labels(model.classes[label_index], *labels).inc()
+            m.confidence.labels(*labels).observe(p)
         drift = model.drift
-        if drift is None or not m.has_drift:
+        if drift is None or not m.has_drift or role != PRIMARY:  # (drift: the primary's traffic against its reference)
             return
         drift.add(top1.tolist(), confidence.tolist(), image_brightness(batch).tolist())
         now = time.monotonic()
@@ -212,72 +247,27 @@ class ModelService:
         m.drift_window.set(len(drift))
         self._drift_reported = self._drift_reported or bool(values)
 
-    # -- /admin/reload, SIGHUP --
+    # -- /admin/*, SIGHUP --
 
-    def reload(self, path: str | None = None, *, tell: bool = True) -> dict[str, Any]:
-        """Load ``path`` (default: the file served now, changed on disk), check it and swap it in
-        between requests; with ``tell``, then have every other worker do the same.
+    def reload(self, path: str | None = None, role: str = PRIMARY) -> dict[str, Any]:
+        """``POST /admin/reload``: load ``path`` (default: the role's file, changed on disk) into
+        ``role``, check it, swap it in between requests, then have every other worker follow.
+        HttpError 422 if it cannot serve (the models served are unchanged)."""
+        return self.rollout.reload(path, role)
 
-        The new model must have the same classes. If it fails to load or check, the old one goes
-        on serving and :class:`HttpError` 422 says why (nothing changed). Requests already being
-        served finish on the model they began with.
-        """
-        with self._reload_lock:
-            previous = self.model
-            try:
-                target = model_file(path) if path else previous.path
-                if not os.path.isfile(target):  # (a device such as /dev/zero would be read forever)
-                    return self._reload_failed(target, "no such file (give a checkpoint or an exported .onnx)")
-                version = model_version(target)
-            except CnnkitError as exc:
-                return self._reload_failed(path or previous.path, str(exc))
-            except OSError as exc:
-                return self._reload_failed(path or previous.path, f"cannot read it: {exc.strerror or exc}")
-            if version != previous.version:
-                try:
-                    candidate = load_served_model(self.cfg, target, version=version)
-                except CnnkitError as exc:
-                    return self._reload_failed(target, str(exc))
-                if candidate.classes != previous.classes:
-                    return self._reload_failed(target, f"its classes differ from the model served "
-                                               f"({len(candidate.classes)} vs {len(previous.classes)}, or in order); "
-                                               "a model with other classes is a new service: start another server")
-                self._calibrate(candidate)
-                self.model = candidate  # the swap: requests from here on get the new model
-                self._show(candidate, previous)
-                self._drift_reported = False
-                self.metrics.reloads.labels("ok").inc()
-                log.info("worker %d: reloaded %s: %s -> %s", self.worker, target, previous.version, candidate.version)
-                # Once the requests begun on the old model are answered, its memory goes back to the OS.
-                release = threading.Timer(RELEASE_DELAY_S, release_memory)
-                release.daemon = True
-                release.start()
-            told = False
-            if tell and (path is not None or version != previous.version):
-                publish_model(target)
-                told = tell_workers()
-        return {
-            "status": "reloaded" if version != previous.version else "unchanged",
-            "model_version": version,
-            "previous_version": previous.version,
-            "model_file": os.path.basename(target),
-            "workers": "all" if told else "this",
-            "worker": self.worker,
-        }
+    def promote(self, role: str = CANARY) -> dict[str, Any]:
+        """``POST /admin/promote``: the canary (or shadow) becomes the primary, in every worker."""
+        return self.rollout.promote(role)
 
-    def _reload_failed(self, target: str, reason: str) -> NoReturn:
-        self.metrics.reloads.labels("failed").inc()
-        message = f"reload of {target} failed, still serving {self.model.version}: {reason}"
-        log.error("worker %d: %s", self.worker, message)
-        raise HttpError(422, message, model_version=self.model.version)
+    def rollback(self, role: str = CANARY) -> dict[str, Any]:
+        """``POST /admin/rollback``: drop the canary (or shadow), in every worker."""
+        return self.rollout.rollback(role)
 
     def reload_published(self) -> None:
-        """SIGHUP's reload (in a thread of its own): the published model, or the same file if
-        it changed on disk; a failure is logged and the old model goes on serving."""
+        """SIGHUP (in a thread of its own): serve what was published, or reread the files
+        served if they changed on disk; a model that cannot serve is logged and not swapped in."""
         try:
-            self.reload(published_model(), tell=False)
-        except HttpError:
-            pass  # logged by _reload_failed
+            self.rollout.sync()
         except Exception:  # a reload never stops a worker
             log.exception("worker %d: reload failed", self.worker)
 
@@ -301,7 +291,8 @@ class ModelService:
 
 def describe(service: ModelService) -> dict[str, Any]:
     """The ``GET /metadata`` document of ``service``."""
-    cfg, admission, model = service.cfg, service.admission, service.model
+    cfg, admission, models = service.cfg, service.admission, service.rollout.models
+    model = models.primary
     ckpt, predictor = model.checkpoint, model.predictor
     reference = model.drift.reference if model.drift is not None else None
     return {
@@ -337,4 +328,14 @@ def describe(service: ModelService) -> dict[str, Any]:
             "timeout_s": cfg.timeout,
             "default_top_k": cfg.top_k,
         },
+        "rollout": {
+            "canary": None if models.canary is None else {
+                **_candidate(models.canary), "percent": models.canary_percent, "sticky_header": cfg.canary_header},
+            "shadow": None if models.shadow is None else {
+                **_candidate(models.shadow), "share": cfg.shadow_share, "queue": cfg.shadow_queue},
+        },
     }
+
+
+def _candidate(model: ServedModel) -> dict[str, Any]:
+    return {"model_version": model.version, "model_file": os.path.basename(model.path), "backend": model.backend}
