@@ -15,7 +15,15 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import CALIBRATION_METHODS, EXPORT_FORMATS, PREDICT_FORMATS, EvaluateConfig, PredictConfig, TrainConfig
+from .config import (
+    AUGMENT_POLICIES,
+    CALIBRATION_METHODS,
+    EXPORT_FORMATS,
+    PREDICT_FORMATS,
+    EvaluateConfig,
+    PredictConfig,
+    TrainConfig,
+)
 from .errors import CnnkitError, ConfigError, PartialFailure, WorkerError, worker_death
 from .logs import setup_logging
 
@@ -81,6 +89,15 @@ names_option = click.option(
 )
 
 
+def _augment(options: dict[str, Any]) -> dict[str, Any]:
+    """The training options with --no-augment (the flag before the policies) as --augment none."""
+    if options.pop("no_augment", False):
+        if options.get("augment") not in (None, "none"):
+            raise ConfigError(f"--no-augment and --augment {options['augment']} contradict each other: drop one")
+        options["augment"] = "none"
+    return options
+
+
 def _device(device: str, gpu: bool) -> str:
     if gpu and device not in ("auto", "cuda") and not device.startswith("cuda"):
         raise ConfigError(f"--gpu contradicts --device {device}")
@@ -142,7 +159,14 @@ _model_options = _options(
     click.option("--val-split", type=float, default=0.2, show_default=True, help="Share of each class held out for validation when DATA_DIR has no valid/ folder."),
     click.option("--image-size", type=int, default=None, help="Input crop size [default: the architecture's pretrained size, usually 224]."),
     click.option("--resize-size", type=int, default=None, help="Eval resize before the centre crop [default: the architecture's, usually 256]."),
-    click.option("--augment/--no-augment", default=None, help="Random crops and flips of the training images [default: while the backbone trains; not while it is frozen, so that its features can be cached]."),
+    click.option("--augment", type=click.Choice(AUGMENT_POLICIES), is_flag=False, flag_value="light", default=None, help="Augmentation of the training images: light = random crops and horizontal flips; trivial / rand = light + TrivialAugmentWide / RandAugment; none. --augment alone: light [default: light while the backbone trains; none while it is frozen, so that its features can be cached]."),
+    click.option("--no-augment", is_flag=True, hidden=True),  # (--augment none, as before the policies)
+    click.option("--random-erase", type=float, default=0.0, show_default=True, metavar="P", help="Erase a random rectangle of a training image with probability P."),
+    click.option("--vflip", is_flag=True, help="Vertical flips too: for images with no natural orientation (cells, microscopy, satellite, scans)."),
+    click.option("--rot90", is_flag=True, help="Random rotations by multiples of 90 degrees too (the same)."),
+    click.option("--mixup", type=float, default=0.0, show_default=True, metavar="ALPHA", help="MixUp training images in pairs (Beta(ALPHA, ALPHA) weights); 0: off."),
+    click.option("--cutmix", type=float, default=0.0, show_default=True, metavar="ALPHA", help="CutMix training images in pairs; with --mixup too, each batch gets one of the two; 0: off."),
+    click.option("--label-smoothing", type=float, default=0.0, show_default=True, metavar="EPS", help="Spread EPS of each training target evenly over the classes (the reported loss stays the plain NLL)."),
     click.option("--cache-features/--no-cache-features", default=None, help="With a frozen backbone, compute each image's backbone features once (kept in SAVE_DIR/feature_cache) and train the head on them: later epochs take a fraction of the first. Augmentation cannot apply to cached features, so --augment turns this off [default: on whenever valid]."),
     click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay (not applied to biases and normalisation weights)."),
     click.option("--class-weights", type=click.Choice(["none", "balanced"]), default="none", show_default=True, help="balanced: weight each class's loss by its inverse frequency."),
@@ -184,7 +208,7 @@ def train(gpu: bool, progress: bool | None, device: str, **options: Any) -> None
 
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 reports progress
         setup_logging(-1)
-    cfg = TrainConfig(device=_device(device, gpu), progress=_progress(progress), **options)
+    cfg = TrainConfig(device=_device(device, gpu), progress=_progress(progress), **_augment(options))
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) > 0:
         return
@@ -223,7 +247,7 @@ def lr_find(gpu: bool, progress: bool | None, device: str, start_lr: float, end_
     from .config import LRFindConfig
     from .training.lr_find import format_result, lr_find as run_lr_find
 
-    train_cfg = TrainConfig(device=_device(device, gpu), progress=_progress(progress), **options)
+    train_cfg = TrainConfig(device=_device(device, gpu), progress=_progress(progress), **_augment(options))
     cfg = LRFindConfig(train_cfg, start_lr=start_lr, end_lr=end_lr, steps=steps, plot=plot, force=force)
     click.echo(format_result(run_lr_find(cfg)))
 

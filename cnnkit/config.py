@@ -24,6 +24,9 @@ DEFAULT_EPOCHS = 5
 SAMPLERS = ("shuffle", "balanced")
 PREDICT_FORMATS = ("table", "json", "jsonl", "csv")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# Training-time augmentation policies (data/transforms.py builds them): none; light = random
+# resized crop + horizontal flip; trivial / rand = light + torchvision's TrivialAugmentWide / RandAugment.
+AUGMENT_POLICIES = ("none", "light", "trivial", "rand")
 
 _T = TypeVar("_T")
 
@@ -49,8 +52,11 @@ class PreprocessConfig(Serializable):
     """Everything that turns a decoded image into the model's input tensor.
 
     Eval: resize the short side to ``resize_size``, centre-crop ``image_size``, normalise.
-    Train: random-resized crop of ``image_size`` (area ``min_scale``..1), horizontal flip with
-    probability ``hflip``, normalise.
+    Train (``policy`` light, trivial or rand; none is the eval pipeline): random-resized crop of ``image_size`` (area
+    ``min_scale``..1), horizontal flip with probability ``hflip``, vertical flip with ``vflip``,
+    a random multiple of 90° with ``rot90`` (for images with no natural orientation), then
+    TrivialAugmentWide (trivial) or RandAugment (rand), normalise, and random erasing with
+    probability ``random_erase``. The train-time fields never change the eval pipeline.
     """
 
     image_size: int = 224
@@ -61,6 +67,10 @@ class PreprocessConfig(Serializable):
     min_scale: float = 0.08
     hflip: float = 0.5
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb threshold
+    policy: str = "light"  # the training pipeline, AUGMENT_POLICIES (none: the eval pipeline)
+    vflip: float = 0.0
+    rot90: bool = False
+    random_erase: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -79,6 +89,12 @@ class PreprocessConfig(Serializable):
         _check(0 < self.min_scale <= 1, f"min_scale must be in (0, 1], got {self.min_scale}")
         _check(0 <= self.hflip <= 1, f"hflip must be a probability in [0, 1], got {self.hflip}")
         _check(self.max_pixels > 0, f"max_pixels must be positive, got {self.max_pixels}")
+        _check(self.policy in AUGMENT_POLICIES, f"policy must be one of {', '.join(AUGMENT_POLICIES)}, got {self.policy!r}")
+        _check(0 <= self.vflip <= 1, f"vflip must be a probability in [0, 1], got {self.vflip}")
+        _check(0 <= self.random_erase <= 1, f"random_erase must be a probability in [0, 1], got {self.random_erase}")
+
+
+EVAL_FIELDS = ("image_size", "resize_size", "mean", "std", "interpolation", "max_pixels")  # what inference uses
 
 
 def _check_common(batch_size: int | None, workers: int | None, device: str) -> None:
@@ -122,7 +138,13 @@ class TrainConfig(Serializable):
     clip_grad: float | None = None  # clip the gradients' global L2 norm to this
     class_weights: str = "none"  # none | balanced: weight the loss by inverse class frequency
     sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often
-    augment: bool | None = None  # None: augment while the backbone trains, not while it is frozen
+    augment: str | None = None  # AUGMENT_POLICIES; None: light while the backbone trains, none while it is frozen
+    random_erase: float = 0.0  # probability of erasing a random rectangle of a training image
+    vflip: bool = False  # vertical flips too (images with no natural orientation: cells, satellites, scans)
+    rot90: bool = False  # random multiples of 90 degrees too (the same)
+    mixup: float = 0.0  # MixUp's alpha (0: off)
+    cutmix: float = 0.0  # CutMix's alpha (0: off); with mixup too, each batch gets one of the two
+    label_smoothing: float = 0.0  # the share of each target spread over all classes
     cache_features: bool | None = None  # None: whenever valid (frozen backbone, no augmentation)
     fine_tune: int = 0  # epochs of training the whole network after the head phase
     fine_tune_lr: float | None = None  # None: learning_rate / 10
@@ -131,6 +153,8 @@ class TrainConfig(Serializable):
     nproc: int = 1  # processes on this machine (launches torchrun when more than 1)
 
     def __post_init__(self) -> None:
+        if isinstance(self.augment, bool):  # checkpoints before the policies: --augment / --no-augment
+            object.__setattr__(self, "augment", "light" if self.augment else "none")
         _check(bool(self.data_dir), "DATA_DIR must not be empty")
         _check(bool(self.weights), "--weights must be DEFAULT, a weights name, a file path, or none")
         _check(self.hidden_units >= 0, f"--hidden-units must be 0 (one Linear layer) or more, got {self.hidden_units}")
@@ -167,9 +191,17 @@ class TrainConfig(Serializable):
             "--class-weights balanced and --sampler balanced both correct the same imbalance: choose one",
         )
         _check(
-            not (self.cache_features and self.augment),
+            self.augment is None or self.augment in AUGMENT_POLICIES,
+            f"--augment must be one of {', '.join(AUGMENT_POLICIES)}, got {self.augment!r}",
+        )
+        _check(0 <= self.random_erase <= 1, f"--random-erase must be a probability in [0, 1], got {self.random_erase}")
+        _check(self.mixup >= 0 and self.cutmix >= 0, f"--mixup and --cutmix must be 0 (off) or positive alphas, got "
+                                                      f"{self.mixup} and {self.cutmix}")
+        _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(
+            not (self.cache_features and (self.augment not in (None, "none") or self.mixes)),
             "--cache-features computes each image's features once, so it cannot be combined with "
-            "--augment (new random crops every epoch): drop one of them",
+            "--augment (new random crops every epoch) or --mixup/--cutmix (new mixes): drop one of them",
         )
         _check(
             not (self.cache_features and self.freeze is False),
@@ -191,6 +223,11 @@ class TrainConfig(Serializable):
     @property
     def pretrained(self) -> bool:
         return self.weights.lower() != "none"
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training images are mixed in pairs (MixUp or CutMix)."""
+        return self.mixup > 0 or self.cutmix > 0
 
     @property
     def resolved_fine_tune_lr(self) -> float:

@@ -57,7 +57,7 @@ def test_train_flags_map_to_config_fields(captured, tmp_path):
     assert (cfg.fine_tune, cfg.fine_tune_lr, cfg.early_stop, cfg.clip_grad) == (3, 2e-5, 4, 1.5)
     assert (cfg.class_weights, cfg.sampler, cfg.weight_decay, cfg.warmup, cfg.scheduler) == (
         "balanced", "shuffle", 0.05, 0.5, "step")
-    assert (cfg.augment, cfg.cache_features, cfg.amp, cfg.mlflow, cfg.nproc) == (False, False, True, True, 2)
+    assert (cfg.augment, cfg.cache_features, cfg.amp, cfg.mlflow, cfg.nproc) == ("none", False, True, True, 2)
     assert cfg.epochs is None  # not given: 5 for a new run, the run's own when resuming
 
 

@@ -106,6 +106,8 @@ def test_torchrun_two_processes_gloo(odd_folder, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "cnnkit", "train", str(odd_folder), *TINY_TRAIN_ARGS, "--batch-size", "3", "--epochs", "2",
         "--save-dir", str(save_dir),
+        # the recipe's options too: each process augments and mixes its own batches
+        "--augment", "trivial", "--random-erase", "0.25", "--mixup", "0.2", "--cutmix", "1.0", "--label-smoothing", "0.1",
     ]
     done = subprocess.run(args, capture_output=True, text=True, env=_env(tmp_path), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

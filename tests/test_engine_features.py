@@ -303,10 +303,15 @@ def test_early_stop_of_the_head_phase_starts_fine_tuning(image_folder, pretraine
 def test_balanced_class_weights():
     weights = balanced_class_weights([0, 0, 0, 1, 2, 2], 3)
     torch.testing.assert_close(weights, torch.tensor([6 / 9, 6 / 3, 6 / 6]))
-    nll = torch.tensor([1.0, 1.0, 2.0])
     targets = torch.tensor([0, 1, 2])
-    assert training_objective(nll, targets, None).item() == pytest.approx(4 / 3)
-    assert training_objective(nll, targets, weights).item() == pytest.approx((6 / 9 + 2 + 2) / 3)
+    log_probs = torch.full((3, 3), -5.0)
+    log_probs[torch.arange(3), targets] = torch.tensor([-1.0, -1.0, -2.0])  # per-image NLL 1, 1, 2
+    assert training_objective(log_probs, targets, None).item() == pytest.approx(4 / 3)
+    assert training_objective(log_probs, targets, weights).item() == pytest.approx((6 / 9 + 2 + 2) / 3)
+    # a soft target weighs by its mix: half class 0, half class 2
+    soft = torch.tensor([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    expected = [(0.5 * 1 + 0.5 * 5) * (0.5 * 6 / 9 + 0.5 * 1), 1 * 2, 2 * 1]
+    assert training_objective(log_probs, targets, weights, soft).item() == pytest.approx(sum(expected) / 3)
 
 
 @pytest.fixture(scope="session")

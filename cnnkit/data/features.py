@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import PreprocessConfig
+from ..config import EVAL_FIELDS, PreprocessConfig
 from ..distributed import DistContext
 from ..errors import DataError, OutputError
 from ..models.build import head_module
@@ -84,7 +84,7 @@ def cache_key(arch: str, backbone: str, preprocess: PreprocessConfig, files: Seq
         "format": 1,
         "arch": arch,
         "backbone": backbone,
-        "preprocess": preprocess.to_dict(),
+        "preprocess": {name: getattr(preprocess, name) for name in EVAL_FIELDS},  # (the eval pipeline's)
         "mode": mode,
         "files": [list(f) for f in files],
     }

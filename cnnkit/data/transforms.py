@@ -3,7 +3,8 @@
 ``load_image`` decodes a file the same way everywhere (EXIF orientation, colour modes, size
 limit); ``build_transforms`` builds the train (augmenting) or eval (deterministic) pipeline from a
 :class:`~cnnkit.config.PreprocessConfig`. The config is stored in every checkpoint, and inference
-rebuilds its pipeline from it, so the two can never diverge.
+rebuilds its pipeline from it, so the two can never diverge. ``build_batch_mix`` is the training
+batches' augmentation (MixUp, CutMix): torchvision.transforms.v2's.
 """
 
 from __future__ import annotations
@@ -60,21 +61,54 @@ def resolve_preprocess(
 
 
 def build_transforms(cfg: PreprocessConfig, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """The train (random crop + flip) or eval (resize + centre crop) pipeline for ``cfg``."""
+    """The train (``cfg.policy``: random crop, flips, ...) or eval (resize + centre crop) pipeline."""
     interpolation = _INTERPOLATION[cfg.interpolation]
-    if train:
-        steps: list = [
-            T.RandomResizedCrop(cfg.image_size, scale=(cfg.min_scale, 1.0), interpolation=interpolation),
-            T.RandomHorizontalFlip(cfg.hflip),
-        ]
-    else:
-        steps = [
+    if not train or cfg.policy == "none":
+        return T.Compose([
             _RefuseElongated(cfg.resize_size, cfg.max_pixels),
             T.Resize(cfg.resize_size, interpolation=interpolation),
             T.CenterCrop(cfg.image_size),
-        ]
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ])
+    steps: list = [
+        T.RandomResizedCrop(cfg.image_size, scale=(cfg.min_scale, 1.0), interpolation=interpolation),
+        T.RandomHorizontalFlip(cfg.hflip),
+    ]
+    if cfg.vflip:
+        steps.append(T.RandomVerticalFlip(cfg.vflip))
+    if cfg.rot90:
+        steps.append(RandomRot90())
+    if cfg.policy == "trivial":
+        steps.append(T.TrivialAugmentWide(interpolation=interpolation))
+    elif cfg.policy == "rand":
+        steps.append(T.RandAugment(interpolation=interpolation))
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    if cfg.random_erase:
+        steps.append(T.RandomErasing(cfg.random_erase, value=0))  # (0: the mean colour, after normalising)
     return T.Compose(steps)
+
+
+class RandomRot90:
+    """A rotation by a random multiple of 90 degrees (lossless: no interpolation, no corners)."""
+
+    _TURNS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        turn = self._TURNS[int(torch.randint(4, ()))]
+        return image if turn is None else image.transpose(turn)
+
+
+def build_batch_mix(num_classes: int, mixup: float, cutmix: float) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """``mix(images, targets) -> (mixed images, soft targets)`` for a training batch: MixUp with
+    ``mixup`` (its Beta's alpha), CutMix with ``cutmix``, one of the two per batch when both are
+    given (torchvision.transforms.v2); None when both are 0."""
+    from torchvision.transforms import v2
+
+    mixes = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 class _RefuseElongated:

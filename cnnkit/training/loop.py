@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data.samplers import epoch_seed
+from ..data.transforms import build_batch_mix
 from ..distributed import wrap_ddp
 from ..errors import Interrupted, WorkerError, worker_death
 from ..models.checkpoint import Checkpoint, library_versions
@@ -53,6 +54,7 @@ class Trainer:
         self._main_events = {event for cb in self._main for event in EVENTS if cb.handles(event)}
         self._step_events = any(cb.handles("after_step") for cb in self.callbacks)
         self.class_weights = class_weights(run)
+        self.mix = build_batch_mix(len(run.splits.classes), run.cfg.mixup, run.cfg.cutmix)  # (the training objective's)
         self.phase, self.epoch = "", run.start_epoch
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: Any = None
@@ -202,7 +204,8 @@ class Trainer:
         fit = run_epoch(
             self.train_net, self.train_loader, self.device, self.optimizer, f"epoch {epoch}/{end} train", bars,
             class_weights=self.class_weights, before_step=before_step,
-            after_step=after_step if self._step_events else None, clip_grad=cfg.clip_grad, scaler=self.scaler, **common,
+            after_step=after_step if self._step_events else None, clip_grad=cfg.clip_grad, scaler=self.scaler,
+            mix=self.mix, label_smoothing=cfg.label_smoothing, **common,
         )
         self.net.eval()
         val = run_epoch(self.net, self.valid_loader, self.device, None, f"epoch {epoch}/{end} valid", bars, **common)

@@ -136,7 +136,7 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext, outputs: bool = True) -> Run
         main_log.info(
             "feature caching on: the backbone is frozen and the head trains without augmentation, so "
             "each image's backbone features are computed once (in %s) and later epochs train on them; "
-            "--augment or --no-cache-features turns this off",
+            "--augment, --mixup, --cutmix or --no-cache-features turns this off",
             run.loaders.cache_dir,
         )
     weights = class_weights(run)
@@ -162,7 +162,7 @@ def _build_model(
         cfg.arch, classes, "none" if resumed is not None else cfg.weights, cfg.hidden_units, cfg.dropout,
         freeze=recipe.freeze,
     )
-    preprocess = resumed.preprocess if resumed else resolve_preprocess(cfg.arch, cfg.image_size, cfg.resize_size)
+    preprocess = resumed.preprocess if resumed else recipe.preprocess(resolve_preprocess(cfg.arch, cfg.image_size, cfg.resize_size))
     if resumed is not None:
         model.load_state_dict(resumed.state_dict)
     model.to(device)

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from ..config import PreprocessConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..models.checkpoint import Checkpoint
 
@@ -33,12 +33,20 @@ class Recipe:
     channels_last: bool
 
     def augment(self, phase: str) -> bool:
-        return self.cfg.augment if self.cfg.augment is not None else phase != HEAD
+        """Whether ``phase`` trains on augmented images (by default: while the backbone trains)."""
+        return self.cfg.augment != "none" if self.cfg.augment is not None else phase != HEAD
+
+    def preprocess(self, base: PreprocessConfig) -> PreprocessConfig:
+        """``base`` (the architecture's eval preprocessing) with the run's training augmentation."""
+        cfg = self.cfg
+        return dataclasses.replace(base, policy=cfg.augment or "light", vflip=0.5 if cfg.vflip else 0.0,
+                                   rot90=cfg.rot90, random_erase=cfg.random_erase)
 
     @property
     def caches_features(self) -> bool:
-        """Whether the head phase trains on cached backbone features (frozen, not augmented)."""
-        return self.freeze and not self.augment(HEAD) and self.cfg.cache_features is not False
+        """Whether the head phase trains on cached backbone features: frozen, and nothing
+        changes its input (no augmentation, no mixing)."""
+        return self.freeze and not self.augment(HEAD) and not self.cfg.mixes and self.cfg.cache_features is not False
 
     def phase(self, epoch: int, fine_tune_from: int | None) -> str:
         """The phase epoch ``epoch`` belongs to."""

@@ -54,10 +54,28 @@ def forward(model: nn.Module, inputs: torch.Tensor, autocast_dtype: torch.dtype 
     return model(inputs).float()
 
 
-def training_objective(nll: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
-    """The loss that is optimised: per-image NLL, class-weighted if asked, averaged over the batch."""
-    if class_weights is not None:
-        nll = nll * class_weights[targets]
+def training_objective(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    class_weights: torch.Tensor | None,
+    soft_targets: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The loss that is optimised, averaged over the batch: per-image cross-entropy against the
+    targets (``soft_targets`` when images were mixed), with ``label_smoothing`` of each target
+    spread evenly over the classes, class-weighted if asked (a mixed image by its mix)."""
+    if soft_targets is None and not label_smoothing:
+        nll = F.nll_loss(log_probs, targets, reduction="none")  # (the plain path: bit-identical to before)
+        weights = class_weights[targets] if class_weights is not None else None
+    else:
+        classes = log_probs.shape[1]
+        target = soft_targets if soft_targets is not None else F.one_hot(targets, classes).to(log_probs.dtype)
+        if label_smoothing:
+            target = target * (1 - label_smoothing) + label_smoothing / classes
+        nll = -(target * log_probs).sum(dim=1)
+        weights = target @ class_weights if class_weights is not None else None
+    if weights is not None:
+        nll = nll * weights
     return nll.sum() / len(targets)
 
 
@@ -100,6 +118,8 @@ def run_epoch(
     scaler: Any = None,
     channels_last: bool = False,
     reduce: Callable[[list[float]], list[float]] | None = None,
+    mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+    label_smoothing: float = 0.0,
 ) -> EpochStats:
     """Train (with ``optimizer``) or evaluate (without) over ``loader``.
 
@@ -109,7 +129,9 @@ def run_epoch(
     ``class_weights`` weight only the loss that is optimised. ``before_step(step, steps)`` runs
     before each optimizer step (it sets the learning rate), ``after_step(objective)`` after it;
     ``autocast_dtype`` runs the forward pass in mixed precision (``scaler``: a GradScaler for
-    float16).
+    float16). In training, ``mix(images, targets)`` (MixUp, CutMix) mixes each batch into soft
+    targets and ``label_smoothing`` smooths them, for the objective only: the reported loss and
+    accuracy stay those of each image's own label, so that epochs compare.
     """
     loss_sum, correct, top5, seen = 0.0, 0, 0, 0
     start = time.perf_counter()
@@ -120,6 +142,9 @@ def run_epoch(
         for step, (inputs, targets, errors) in enumerate(bar):
             raise_bad_images(errors)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            soft_targets = None
+            if optimizer is not None and mix is not None:
+                inputs, soft_targets = mix(inputs, targets)
             if channels_last and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             if optimizer is not None and before_step is not None:
@@ -128,7 +153,7 @@ def run_epoch(
             nll = F.nll_loss(log_probs, targets, reduction="none")
             loss = nll.sum()
             if optimizer is not None:
-                objective = training_objective(nll, targets, class_weights)
+                objective = training_objective(log_probs, targets, class_weights, soft_targets, label_smoothing)
                 optimise(objective, optimizer, params, clip_grad, scaler)
                 if after_step is not None:
                     after_step(objective.detach())

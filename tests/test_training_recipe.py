@@ -1,0 +1,159 @@
+"""The training recipe's options (issue 12): augmentation policies, flips and rotations, random
+erasing (cnnkit.data.transforms), MixUp / CutMix and label smoothing (the objective in
+cnnkit.training.steps), each in a tiny run, and a resumed run with them on."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cnnkit.config import PreprocessConfig, TrainConfig
+from cnnkit.data.transforms import RandomRot90, build_batch_mix, build_transforms
+from cnnkit.errors import ConfigError, Interrupted
+from cnnkit.models.checkpoint import load_checkpoint
+from cnnkit.training import train
+from cnnkit.training.steps import training_objective
+
+from helpers import interrupt_training_call, read_metrics, strip_timing, tiny_train_config
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    """A 48x40 image whose every pixel differs, so that flips and rotations show."""
+    pixels = torch.arange(48 * 40 * 3, dtype=torch.int64).reshape(40, 48, 3) % 251
+    return Image.fromarray(pixels.to(torch.uint8).numpy(), mode="RGB")
+
+
+# --- pipelines ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["light", "trivial", "rand"])
+def test_every_policy_makes_training_tensors_and_leaves_the_eval_pipeline_alone(photo, policy):
+    plain = PreprocessConfig(image_size=32, resize_size=36)
+    pre = dataclasses.replace(plain, policy=policy, vflip=0.5, rot90=True, random_erase=0.5)
+    torch.manual_seed(0)
+    views = torch.stack([build_transforms(pre, train=True)(photo) for _ in range(6)])
+    assert views.shape == (6, 3, 32, 32) and torch.isfinite(views).all()
+    assert len({v.sum().item() for v in views}) > 1  # random: not the same view every time
+    torch.testing.assert_close(build_transforms(pre, train=False)(photo), build_transforms(plain, train=False)(photo),
+                               rtol=0, atol=0)
+
+
+def test_policy_none_trains_on_the_eval_pipeline(photo):
+    pre = PreprocessConfig(image_size=32, resize_size=36, policy="none")
+    torch.testing.assert_close(build_transforms(pre, train=True)(photo), build_transforms(pre, train=False)(photo),
+                               rtol=0, atol=0)
+
+
+def test_the_trivial_policy_is_torchvisions_trivial_augment_after_the_crop_and_flip():
+    names = [type(step).__name__ for step in build_transforms(PreprocessConfig(policy="trivial"), train=True).transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide", "ToTensor", "Normalize"]
+    names = [type(step).__name__ for step in build_transforms(
+        PreprocessConfig(policy="rand", vflip=0.5, rot90=True, random_erase=0.25), train=True).transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRot90", "RandAugment",
+                     "ToTensor", "Normalize", "RandomErasing"]
+
+
+def test_rot90_turns_by_every_multiple_of_90_degrees_without_loss(photo):
+    torch.manual_seed(0)
+    seen = {RandomRot90()(photo).tobytes() for _ in range(40)}
+    expected = {photo.rotate(angle, expand=True).tobytes() for angle in (0, 90, 180, 270)}
+    assert seen == expected
+
+
+# --- mixing and the objective ---------------------------------------------------------------
+
+
+def test_batch_mix_is_off_at_zero_and_gives_soft_targets_that_sum_to_one():
+    assert build_batch_mix(3, 0.0, 0.0) is None
+    images, targets = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.2, 1.0)):
+        torch.manual_seed(1)
+        mixed, soft = build_batch_mix(3, mixup, cutmix)(images, targets)
+        assert mixed.shape == images.shape and soft.shape == (8, 3)
+        torch.testing.assert_close(soft.sum(dim=1), torch.ones(8))
+        assert not torch.equal(mixed, images) and (soft < 1).any()  # pairs were mixed
+
+
+def test_label_smoothing_spreads_eps_of_each_target_over_the_classes():
+    log_probs = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))
+    targets = torch.tensor([0, 2])
+    eps = 0.3
+    smoothed = [(1 - eps + eps / 3, eps / 3, eps / 3), (eps / 3, eps / 3, 1 - eps + eps / 3)]
+    expected = -sum(sum(t * lp for t, lp in zip(row, lps)) for row, lps in zip(smoothed, log_probs.tolist())) / 2
+    assert training_objective(log_probs, targets, None, label_smoothing=eps).item() == pytest.approx(expected)
+    plain = training_objective(log_probs, targets, None).item()
+    assert plain == pytest.approx(-(log_probs[0, 0] + log_probs[1, 2]).item() / 2)
+
+
+# --- the options in a run -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    {"augment": "trivial"},
+    {"augment": "rand", "random_erase": 0.5, "vflip": True, "rot90": True},
+    {"mixup": 0.4},
+    {"cutmix": 1.0, "label_smoothing": 0.1},
+], ids=["trivial", "rand+erase+flips", "mixup", "cutmix+smoothing"])
+def test_each_option_trains_and_is_kept_in_the_checkpoint(image_folder, tmp_path, options):
+    result = train(tiny_train_config(image_folder, tmp_path, epochs=1, **options))
+    assert result.epochs == 1 and all(torch.isfinite(torch.tensor(row["train_loss"])) for row in result.history)
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    saved = TrainConfig.from_dict(ckpt.train_config)
+    assert all(getattr(saved, name) == value for name, value in options.items())
+    assert ckpt.preprocess.policy == options.get("augment", "light")
+    assert ckpt.preprocess.vflip == (0.5 if options.get("vflip") else 0.0) and ckpt.preprocess.rot90 == options.get("rot90", False)
+
+
+def test_mixing_turns_the_feature_cache_off_and_says_so(image_folder, tmp_path, caplog):
+    torch.manual_seed(0)
+    backbone = tmp_path / "backbone.pth"
+    from torchvision.models import resnet18
+
+    torch.save(resnet18().state_dict(), backbone)
+    caplog.set_level("INFO", logger="cnnkit")
+    train(tiny_train_config(image_folder, tmp_path / "run", weights=str(backbone), epochs=1, mixup=0.2))
+    assert "feature caching on" not in caplog.text
+    with pytest.raises(ConfigError, match="--mixup"):
+        TrainConfig("data", cache_features=True, cutmix=1.0)
+
+
+def test_a_run_with_every_option_resumes_exactly_as_it_would_have_run(image_folder, tmp_path):
+    cfg = tiny_train_config(image_folder, tmp_path / "straight", epochs=2, augment="trivial", random_erase=0.25,
+                            rot90=True, mixup=0.2, cutmix=1.0, label_smoothing=0.1)
+    straight = train(cfg)
+    run_dir = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_training_call(mp, 2)  # in epoch 2: last.pt holds epoch 1
+        with pytest.raises(Interrupted):
+            train(dataclasses.replace(cfg, save_dir=str(run_dir)))
+    copy = Path(shutil.copytree(run_dir, tmp_path / "resumed"))
+    resumed = train(TrainConfig(data_dir=str(image_folder), resume=str(copy / "last.pt"), save_dir=str(copy),
+                                workers=0, device="cpu", progress=False))
+    assert strip_timing(resumed.history) == strip_timing(straight.history)
+    assert strip_timing(read_metrics(copy / "metrics.jsonl")) == strip_timing(straight.history)
+    a, b = load_checkpoint(copy / "last.pt").state_dict, load_checkpoint(tmp_path / "straight" / "last.pt").state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_find_takes_the_recipe_options(image_folder, tmp_path):
+    from cnnkit.config import LRFindConfig
+    from cnnkit.training.lr_find import lr_find
+
+    cfg = tiny_train_config(image_folder, tmp_path, augment="rand", mixup=0.2, cutmix=1.0, label_smoothing=0.1)
+    result = lr_find(LRFindConfig(cfg, start_lr=1e-6, end_lr=1e-3, steps=10, plot=False))
+    assert len(result.losses) == 10 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_checkpoints_from_before_the_policies_keep_their_augmentation():
+    assert TrainConfig.from_dict({"data_dir": "d", "augment": True}).augment == "light"
+    assert TrainConfig.from_dict({"data_dir": "d", "augment": False}).augment == "none"
+    assert TrainConfig.from_dict({"data_dir": "d", "augment": None}).augment is None
+    assert PreprocessConfig.from_dict({"image_size": 64, "resize_size": 72}).policy == "light"
+    with pytest.raises(ConfigError, match="--augment must be one of"):
+        TrainConfig("d", augment="heavy")
