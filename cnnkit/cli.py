@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import CALIBRATION_METHODS, EXPORT_FORMATS, PREDICT_FORMATS, EvaluateConfig, PredictConfig, TrainConfig
+from .config import CALIBRATION_METHODS, EXPLAIN_METHODS, EXPORT_FORMATS, PREDICT_FORMATS, EvaluateConfig, PredictConfig, TrainConfig
 from .errors import CnnkitError, ConfigError, PartialFailure, WorkerError, worker_death
 from .logs import setup_logging
 
@@ -333,6 +333,43 @@ def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **opt
     click.echo(json.dumps(result.report, indent=2, ensure_ascii=False) if as_json else format_report(result.report))
     if result.files:
         click.echo(f"wrote {', '.join(result.files)}", err=True)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("inputs", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("-c", "--checkpoint", type=click.Path(), required=True, help="A checkpoint written by cnnkit train (not an ONNX export: Grad-CAM needs the torch model).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the PNG overlays: IMAGE-STEM__RANK_LABEL.png, one per image and class.")
+@click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Explain the K most probable classes of each image.")
+@click.option("--target", default=None, metavar="LABEL", help="Explain this class (a label or its name) instead, whatever its rank.")
+@click.option("--method", type=click.Choice(EXPLAIN_METHODS), default="gradcam", show_default=True, help="gradcam (Selvaraju et al.) or gradcam++ (Chattopadhay et al.: better with several instances of the class).")
+@names_option
+@click.option("--force", is_flag=True, help="Overwrite pictures of the same images already in --output.")
+@device_option
+@gpu_option
+def explain(gpu: bool, device: str, **options: Any) -> None:
+    """Grad-CAM heat maps: where in each IMAGE (a file, a folder, or - for paths on stdin) the
+    model found its evidence for a class.
+
+    The map is drawn over the image as the model saw it (resized and centre-cropped by the
+    checkpoint's preprocessing), with the class and its probability under it; the target layer
+    is the last convolutional block of the architecture. Needs the 'explain' extra (captum).
+    An image that cannot be read is listed with its reason and the others are explained; the
+    exit code is then 7.
+
+    \b
+    Examples:
+      cnnkit explain flower.jpg -c checkpoints/best.pt -o heatmaps/ --top-k 3
+      cnnkit explain photos/ -c best.pt -o heatmaps/ --target rose --method gradcam++
+    """
+    from .config import ExplainConfig
+
+    cfg = ExplainConfig(device=_device(device, gpu), **options)  # before the heavy imports
+    from .explain import explain as run_explain, format_table
+
+    result = run_explain(cfg)
+    click.echo(format_table(result))
+    if result.failed:
+        raise PartialFailure(f"{result.failed} of {result.images} images could not be explained")
 
 
 @main.command(epilog=EXIT_CODES_HELP)
