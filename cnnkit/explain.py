@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .config import ExplainConfig
 from .data.folders import ImageDataset, expand_inputs
@@ -66,6 +67,8 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
         )
     require_extra("explain", "captum")
     paths = list(expand_inputs(cfg.inputs))
+    if not paths:
+        log.warning("no images to explain")
     stems = _check_output(paths, cfg.output, cfg.force)
     predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names)
     mapper = HeatMapper(predictor.model, predictor.checkpoint.arch, cfg.method)
@@ -132,7 +135,7 @@ def _explanation(predictor: Predictor, path: str, rank: int, index: int, probabi
                        f"{prefix}__{rank}_{label}.png")
 
 
-def _write(row: Explanation, view, heat: torch.Tensor, method: str) -> None:
+def _write(row: Explanation, view: Image.Image, heat: torch.Tensor, method: str) -> None:
     from . import plots
 
     shown = row.name if row.name == row.label else f"{row.name} ({row.label})"
@@ -148,7 +151,7 @@ def format_table(result: ExplainResult) -> str:
     header = ("image", "class", "probability", "file")
     body = [
         (row.path, f"{row.rank}. {row.name}" + (f" ({row.label})" if row.name != row.label else ""),
-         f"{row.probability:.1%}", row.file) if row.error is None else (row.path, f"error: {row.error}", "", "")
+         f"{row.probability:.1%}", row.file) if row.error is None else (row.path, "", "", f"error: {row.error}")
         for row in result.rows
     ]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(3)]
