@@ -320,6 +320,22 @@ class ExplainConfig(Serializable):
         _check_common(None, None, self.device)
 
 
+@dataclass(frozen=True)
+class InspectConfig(Serializable):
+    """Options of ``cnnkit inspect``."""
+
+    data_dir: str
+    phash_distance: int = 6  # near-duplicates: at most this many of the 64 pHash bits differ
+    output: str | None = None  # a folder for inspect.json and pairs.csv
+    force: bool = False  # overwrite them
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data_dir), "give DATA_DIR, a folder of class folders (or of train/, valid/, test/)")
+        _check(0 <= self.phash_distance <= 32,
+               f"--phash-distance must be 0 to 32 (of the 64 bits; 0: identical hashes only), got {self.phash_distance}")
+        _check(self.output is None or bool(self.output), "--output must not be empty")
+
+
 SERVE_HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
 EXPORT_FORMATS = ("onnx", "torchscript")
 

@@ -22,6 +22,7 @@ from .config import EvaluateConfig
 from .data.folders import ImageDataset, scan_image_folder
 from .data.transforms import model_view
 from .errors import ConfigError, DataError, OutputError
+from .runtime import prepare_output_dir
 
 if TYPE_CHECKING:
     from .inference.predictor import Predictor
@@ -252,7 +253,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
             "read-only: evaluate the .pt checkpoint with them, then export it again"
         )
     if cfg.output:
-        _check_output_dir(cfg.output, cfg.force)
+        prepare_output_dir(cfg.output, list(REPORT_FILES), cfg.force)
     folder = resolve_eval_folder(cfg.data_dir, cfg.split)
     found, samples = scan_image_folder(folder)
     predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names)
@@ -371,16 +372,6 @@ def _store_calibration(cfg: EvaluateConfig, calibration: dict[str, Any]) -> str:
     ckpt.save(target)
     log.info("calibration stored in %s", target)
     return target
-
-
-def _check_output_dir(folder: str, force: bool) -> None:
-    existing = [f for f in REPORT_FILES if os.path.exists(os.path.join(folder, f))]
-    if existing and not force:
-        raise OutputError(f"{folder} already holds {', '.join(existing)}; use --force or another --output")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create --output {folder}: {exc.strerror or exc}") from None
 
 
 # --- report files ---------------------------------------------------------------------------

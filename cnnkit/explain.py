@@ -26,6 +26,7 @@ from .errors import ConfigError, OutputError, require_extra
 from .inference.cam import HeatMapper
 from .inference.predictor import Predictor
 from .models.exported import is_onnx_file
+from .runtime import prepare_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +106,8 @@ def _check_output(paths: list[str], folder: str, force: bool) -> list[str]:
             raise ConfigError(f"{seen[stem]} and {path} would write pictures of the same name ({stem}__*.png): "
                               "explain them in separate runs or with different --output folders")
         seen[stem] = path
-    if not force:
-        existing = sorted(f for stem in seen for f in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(stem)}__*.png")))
-        if existing:
-            more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-            raise OutputError(f"{existing[0]}{more} already exist: use --force to overwrite, or another --output")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create --output {folder}: {exc.strerror or exc}") from None
+    found = [name for stem in seen for name in glob.glob(f"{glob.escape(stem)}__*.png", root_dir=folder)]
+    prepare_output_dir(folder, sorted(found), force)
     return stems
 
 

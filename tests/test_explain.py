@@ -187,7 +187,7 @@ def test_no_picture_is_overwritten_without_force(checkpoint, images, tmp_path):
     picture.write_bytes(b"mine")
     again = invoke(["explain", images[0], "-c", checkpoint, "-o", out, "--device", "cpu"])
     assert again.exit_code == 6
-    assert_one_line_error(again.stderr, str(picture), "--force")
+    assert_one_line_error(again.stderr, f"{out} already holds {picture.name}; use --force")
     assert picture.read_bytes() == b"mine"
     forced = invoke(["explain", images[0], "-c", checkpoint, "-o", out, "--device", "cpu", "--force"])
     assert forced.exit_code == 0 and picture.read_bytes()[:4] == b"\x89PNG"
