@@ -248,7 +248,7 @@ def format_summary(report: dict[str, Any]) -> str:
     splits = report["splits"]
     lines = [f"{report['data_dir']}: {report['images']} files in {len(splits)} split(s): {', '.join(splits)}", ""]
     labels = sorted({label for s in splits.values() for label in s["classes"]})
-    width = max([len("class"), *(len(label) for label in labels)])
+    width = max([len("imbalance"), *(len(label) for label in labels)])
     lines.append(f"{'class':<{width}}" + "".join(f"{name:>9}" for name in splits))
     for label in labels:
         lines.append(f"{label:<{width}}" + "".join(f"{s['classes'].get(label, '-'):>9}" for s in splits.values()))
