@@ -105,9 +105,14 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"unknown --arch {arch!r}; valid: {', '.join(list_archs())}")
 
 
+def head_path(arch: str) -> str:
+    """Where :func:`build_model` puts the new head in a model of ``arch`` (a submodule path)."""
+    return _HEAD_PATHS[_family(arch)]  # type: ignore[index]
+
+
 def head_module(model: nn.Module, arch: str) -> nn.Module:
     """The new head inside a model built by :func:`build_model`."""
-    return model.get_submodule(_HEAD_PATHS[_family(arch)])  # type: ignore[index]
+    return model.get_submodule(head_path(arch))
 
 
 def cam_layer(model: nn.Module, arch: str) -> nn.Module:
@@ -148,7 +153,7 @@ def build_model(
     if freeze:
         for param in model.parameters():
             param.requires_grad_(False)
-    path = _HEAD_PATHS[_family(arch)]  # type: ignore[index]
+    path = head_path(arch)
     in_features = next(m for m in model.get_submodule(path).modules() if isinstance(m, nn.Linear)).in_features
     spec = HeadSpec(in_features, num_classes, hidden_units, dropout)
     model.set_submodule(path, build_head(spec))
