@@ -18,19 +18,21 @@ from . import __version__
 from .config import (
     AUGMENT_POLICIES,
     CALIBRATION_METHODS,
+    EXPLAIN_METHODS,
     EXPORT_FORMATS,
     PREDICT_FORMATS,
     EvaluateConfig,
     PredictConfig,
     TrainConfig,
 )
-from .errors import CnnkitError, ConfigError, PartialFailure, WorkerError, worker_death
+from .errors import CnnkitError, ConfigError, LeakError, PartialFailure, WorkerError, worker_death
 from .logs import setup_logging
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx")
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 data problem, 4 checkpoint problem, "
-    "5 weights unavailable, 6 output problem, 7 some inputs failed, 8 a worker process died, 9 quantized model failed its gate, 130 interrupted, "
+    "5 weights unavailable, 6 output problem, 7 some inputs failed, 8 a worker process died, 9 quantized model failed its gate, "
+    "10 data leak or label conflict found (inspect), 130 interrupted, "
     "141 output pipe closed."
 )
 
@@ -357,6 +359,78 @@ def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **opt
     click.echo(json.dumps(result.report, indent=2, ensure_ascii=False) if as_json else format_report(result.report))
     if result.files:
         click.echo(f"wrote {', '.join(result.files)}", err=True)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("inputs", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("-c", "--checkpoint", type=click.Path(), required=True, help="A checkpoint written by cnnkit train (not an ONNX export: Grad-CAM needs the torch model).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Folder for the PNG overlays: IMAGE-STEM__RANK_LABEL.png, one per image and class.")
+@click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Explain the K most probable classes of each image.")
+@click.option("--target", default=None, metavar="LABEL", help="Explain this class (a label or its name) instead, whatever its rank.")
+@click.option("--method", type=click.Choice(EXPLAIN_METHODS), default="gradcam", show_default=True, help="gradcam (Selvaraju et al.) or gradcam++ (Chattopadhay et al.: better with several instances of the class).")
+@names_option
+@click.option("--force", is_flag=True, help="Overwrite pictures of the same images already in --output.")
+@device_option
+@gpu_option
+def explain(gpu: bool, device: str, **options: Any) -> None:
+    """Grad-CAM heat maps: where in each IMAGE (a file, a folder, or - for paths on stdin) the
+    model found its evidence for a class.
+
+    The map is drawn over the image as the model saw it (resized and centre-cropped by the
+    checkpoint's preprocessing), with the class and its probability under it; the target layer
+    is the last convolutional block of the architecture. Needs the 'explain' extra (captum).
+    An image that cannot be read is listed with its reason and the others are explained; the
+    exit code is then 7.
+
+    \b
+    Examples:
+      cnnkit explain flower.jpg -c checkpoints/best.pt -o heatmaps/ --top-k 3
+      cnnkit explain photos/ -c best.pt -o heatmaps/ --target rose --method gradcam++
+    """
+    from .config import ExplainConfig
+
+    cfg = ExplainConfig(device=_device(device, gpu), **options)  # before the heavy imports
+    from .explain import explain as run_explain, format_table
+
+    result = run_explain(cfg)
+    click.echo(format_table(result))
+    if result.failed:
+        raise PartialFailure(f"{result.failed} of {result.images} images could not be explained")
+
+
+@main.command("inspect", epilog=EXIT_CODES_HELP)
+@click.argument("data_dir", type=click.Path())
+@click.option("--phash-distance", type=int, default=6, show_default=True, help="Near-duplicates: images whose 64-bit perceptual hashes differ in at most this many bits (0: identical hashes only).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Folder for inspect.json (the whole report) and pairs.csv (the duplicate pairs).")
+@click.option("--force", is_flag=True, help="Overwrite inspect.json and pairs.csv in --output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the summary.")
+def inspect_command(as_json: bool, **options: Any) -> None:
+    """What is in DATA_DIR (train/, valid/ or val/, test/ folders of class folders, or one folder
+    of class folders): images per split and class, imbalance, sizes and colour modes, unreadable,
+    tiny and elongated images, and duplicates.
+
+    Duplicates are the same file content (SHA-256) or a near-identical picture (perceptual hash:
+    a re-encoded or resized copy), within a split and across splits. The same picture in two
+    splits is a leak, under two labels a label conflict: either makes the exit code 10, so that
+    a pipeline can stop on it. Needs the 'inspect' extra (imagehash).
+
+    \b
+    Examples:
+      cnnkit inspect data/flowers-mini
+      cnnkit inspect photos/ --output inspect-report/ --phash-distance 4
+    """
+    from .config import InspectConfig
+
+    cfg = InspectConfig(**options)
+    from .inspect_data import format_summary, inspect_data
+
+    result = inspect_data(cfg)
+    click.echo(json.dumps(result.report, indent=2, ensure_ascii=False) if as_json else format_summary(result.report))
+    if result.files:
+        click.echo(f"wrote {', '.join(result.files)}", err=True)
+    if result.leaks or result.label_conflicts:
+        raise LeakError(f"{result.leaks} duplicate pairs across splits (leaks) and {result.label_conflicts} "
+                        "under two labels (label conflicts)")
 
 
 @main.command(epilog=EXIT_CODES_HELP)

@@ -27,6 +27,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Training-time augmentation policies (data/transforms.py builds them): none; light = random
 # resized crop + horizontal flip; trivial / rand = light + torchvision's TrivialAugmentWide / RandAugment.
 AUGMENT_POLICIES = ("none", "light", "trivial", "rand")
+EXPLAIN_METHODS = ("gradcam", "gradcam++")
 
 _T = TypeVar("_T")
 
@@ -326,6 +327,50 @@ class EvaluateConfig(Serializable):
         )
         _check(self.worst >= 0, f"--worst must be 0 or more, got {self.worst}")
         _check_common(self.batch_size, self.workers, self.device)
+
+
+@dataclass(frozen=True)
+class ExplainConfig(Serializable):
+    """Options of ``cnnkit explain``."""
+
+    inputs: tuple[str, ...]
+    checkpoint: str
+    output: str  # the folder the PNG overlays go to
+    top_k: int = 1  # explain the K most probable classes of each image
+    target: str | None = None  # or this class (a label, or its name), whatever its rank
+    method: str = "gradcam"  # gradcam | gradcam++
+    category_names: str | None = None
+    force: bool = False  # overwrite the overlays of the same images already in --output
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
+        _check(len(self.inputs) > 0, "give at least one IMAGE: an image, a folder, or - for paths on stdin")
+        _check(bool(self.checkpoint), "give a checkpoint with --checkpoint CKPT")
+        _check(bool(self.output), "give the folder for the pictures with --output DIR")
+        _check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
+        _check(self.target is None or bool(self.target), "--target must name a class")
+        _check(not (self.target is not None and self.top_k != 1),
+               "--target explains one given class and --top-k the most probable ones: choose one")
+        _check(self.method in EXPLAIN_METHODS,
+               f"--method must be one of {', '.join(EXPLAIN_METHODS)}, got {self.method!r}")
+        _check_common(None, None, self.device)
+
+
+@dataclass(frozen=True)
+class InspectConfig(Serializable):
+    """Options of ``cnnkit inspect``."""
+
+    data_dir: str
+    phash_distance: int = 6  # near-duplicates: at most this many of the 64 pHash bits differ
+    output: str | None = None  # a folder for inspect.json and pairs.csv
+    force: bool = False  # overwrite them
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data_dir), "give DATA_DIR, a folder of class folders (or of train/, valid/, test/)")
+        _check(0 <= self.phash_distance <= 32,
+               f"--phash-distance must be 0 to 32 (of the 64 bits; 0: identical hashes only), got {self.phash_distance}")
+        _check(self.output is None or bool(self.output), "--output must not be empty")
 
 
 SERVE_HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")

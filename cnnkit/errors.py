@@ -13,6 +13,7 @@ Exit codes (also listed in the README):
 7     some inputs could not be scored (the others were)
 8     a worker process died (killed, out of memory, crashed); what was written is kept
 9     a quantized model failed its accuracy or speed gate; nothing was written
+10    cnnkit inspect found images shared across splits (a leak) or under two labels
 130   interrupted (Ctrl-C)
 ====  ==========================================================
 """
@@ -75,6 +76,13 @@ class GateError(CnnkitError):
     """A quantized model lost too much accuracy or was not fast enough; nothing was written."""
 
     exit_code = 9
+
+
+class LeakError(CnnkitError):
+    """The data set has the same (or a near-identical) image in two splits, or under two labels;
+    the report was still printed and written."""
+
+    exit_code = 10
 
 
 class Interrupted(CnnkitError):

@@ -7,19 +7,25 @@ against hand-computed examples; :func:`evaluate` scores a labelled folder and as
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import IO, Any, Sequence
+from typing import IO, TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from .models.checkpoint import load_checkpoint
 from .config import EvaluateConfig
-from .data.folders import scan_image_folder
+from .data.folders import ImageDataset, scan_image_folder
+from .data.transforms import model_view
 from .errors import ConfigError, DataError, OutputError
+from .runtime import prepare_output_dir
+
+if TYPE_CHECKING:
+    from .inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +253,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
             "read-only: evaluate the .pt checkpoint with them, then export it again"
         )
     if cfg.output:
-        _check_output_dir(cfg.output, cfg.force)
+        prepare_output_dir(cfg.output, list(REPORT_FILES), cfg.force)
     folder = resolve_eval_folder(cfg.data_dir, cfg.split)
     found, samples = scan_image_folder(folder)
     predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names)
@@ -320,8 +326,35 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         result.calibrated_checkpoint = _store_calibration(cfg, calibration)
         report["calibrated_checkpoint"] = result.calibrated_checkpoint
     if cfg.output:
-        result.files = write_report(result, cfg.output, predictor.names)
+        overlays = gallery_heat_maps(predictor, report["most_confident_wrong"])
+        result.files = write_report(result, cfg.output, predictor.names, overlays)
     return result
+
+
+def gallery_heat_maps(predictor: Predictor, wrong: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Path → Grad-CAM of the predicted class over the image as the model saw it, for the
+    gallery of the most confidently wrong; none without captum or the torch model (one log line)."""
+    if not wrong:
+        return {}
+    if predictor.model is None:
+        log.info("the gallery has no heat maps: Grad-CAM needs the torch checkpoint, not an ONNX export")
+        return {}
+    if importlib.util.find_spec("captum") is None:
+        log.info("the gallery has no heat maps: captum is not installed (pip install 'cnnkit[explain]')")
+        return {}
+    from . import plots
+    from .inference.cam import HeatMapper
+
+    mapper = HeatMapper(predictor.model, predictor.checkpoint.arch)
+    preprocess = predictor.checkpoint.preprocess
+    images = ImageDataset([item["path"] for item in wrong], predictor.transform, max_pixels=preprocess.max_pixels)
+    overlays = {}
+    for index, item in enumerate(wrong):
+        tensor, _, error = images[index]
+        if error is None:  # a file changed since it was scored: its tile shows what load_image can
+            heat = mapper.maps(tensor[None], [predictor.classes.index(item["predicted"])])[0]
+            overlays[item["path"]] = plots.heat_overlay(model_view(tensor, preprocess), heat.numpy())
+    return overlays
 
 
 def calibrated_path(checkpoint: str) -> str:
@@ -341,21 +374,14 @@ def _store_calibration(cfg: EvaluateConfig, calibration: dict[str, Any]) -> str:
     return target
 
 
-def _check_output_dir(folder: str, force: bool) -> None:
-    existing = [f for f in REPORT_FILES if os.path.exists(os.path.join(folder, f))]
-    if existing and not force:
-        raise OutputError(f"{folder} already holds {', '.join(existing)}; use --force or another --output")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create --output {folder}: {exc.strerror or exc}") from None
-
-
 # --- report files ---------------------------------------------------------------------------
 
 
-def write_report(result: EvaluationResult, folder: str, names: dict[str, str]) -> list[str]:
-    """report.json, confusion_matrix.csv, predictions.csv and the PNG pictures; returns paths."""
+def write_report(
+    result: EvaluationResult, folder: str, names: dict[str, str], overlays: dict[str, Any] | None = None
+) -> list[str]:
+    """report.json, confusion_matrix.csv, predictions.csv and the PNG pictures (the gallery with
+    the heat maps in ``overlays``, see :func:`gallery_heat_maps`); returns their paths."""
     report = result.report
     classes = [c["label"] for c in report["classes"]]
     written = []
@@ -387,7 +413,8 @@ def write_report(result: EvaluationResult, folder: str, names: dict[str, str]) -
                                    path("confusion_matrix.png"))
         plots.reliability_png(report, path("reliability.png"))
         if report["most_confident_wrong"]:
-            plots.gallery_png(report["most_confident_wrong"], names, path("most_confident_wrong.png"))
+            plots.gallery_png(report["most_confident_wrong"], names, path("most_confident_wrong.png"),
+                              overlays=overlays)
     except OSError as exc:
         raise OutputError(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
     return written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import matplotlib
@@ -9,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .errors import ImageError  # noqa: E402
 from .data.transforms import load_image  # noqa: E402
@@ -65,15 +67,23 @@ def reliability_png(report: dict[str, Any], path: str) -> None:
     _save(fig, path)
 
 
-def gallery_png(wrong: Sequence[dict[str, Any]], names: dict[str, str], path: str, columns: int = 4) -> None:
-    """The most confidently wrong images, each titled with its true and predicted names."""
+def gallery_png(
+    wrong: Sequence[dict[str, Any]],
+    names: dict[str, str],
+    path: str,
+    columns: int = 4,
+    overlays: dict[str, Image.Image] | None = None,
+) -> None:
+    """The most confidently wrong images, each titled with its true and predicted names; an
+    image with an entry in ``overlays`` (path → its heat map over the image as the model saw it)
+    is shown as that."""
     rows = -(-len(wrong) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, wrong):
         try:
-            image = load_image(item["path"])
+            image = (overlays or {}).get(item["path"]) or load_image(item["path"])
             image.thumbnail((256, 256))
             ax.imshow(image)
         except ImageError:  # a file gone or changed since it was scored leaves a blank tile
@@ -83,8 +93,46 @@ def gallery_png(wrong: Sequence[dict[str, Any]], names: dict[str, str], path: st
             f"predicted: {names.get(item['predicted'], item['predicted'])} ({item['confidence']:.0%})",
             fontsize=9,
         )
-    fig.suptitle("Most confidently wrong")
+    fig.suptitle("Most confidently wrong" + (" (heat map: Grad-CAM of the predicted class)" if overlays else ""))
     _save(fig, path)
+
+
+# --- heat maps (cnnkit explain, the evaluate gallery) ----------------------------------------
+
+
+def heat_overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """``heat`` (H, W, in [0, 1]) coloured red for high and blue for low, blended over ``image``
+    (RGB, the same size)."""
+    colours = (matplotlib.colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255).astype(np.uint8)
+    return Image.blend(image, Image.fromarray(colours, mode="RGB"), alpha)
+
+
+def explanation_png(image: Image.Image, heat: np.ndarray, caption: str, path: str, size: int = 300) -> None:
+    """``image`` and ``heat`` blended over it, side by side, each enlarged to ``size`` pixels on
+    its long side, with ``caption`` in a band under them; written beside ``path`` and renamed, so
+    that no half-written picture is left."""
+    scale = size / max(image.size)
+    shape = (round(image.width * scale), round(image.height * scale))
+    panels = [picture.resize(shape, Image.Resampling.BICUBIC) for picture in (image, heat_overlay(image, heat))]
+    try:
+        font = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow < 10.1: one fixed size
+        font = ImageFont.load_default()
+    gap, band = 4, 26
+    canvas = Image.new("RGB", (2 * shape[0] + gap, shape[1] + band), "white")
+    for i, panel in enumerate(panels):
+        canvas.paste(panel, (i * (shape[0] + gap), 0))
+    draw = ImageDraw.Draw(canvas)
+    while len(caption) > 1 and draw.textlength(caption, font=font) > canvas.width - 12:
+        caption = caption[:-2] + "…"
+    draw.text((6, shape[1] + 5), caption, fill="black", font=font)
+    tmp = f"{path}.tmp"
+    try:
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # --- training (cnnkit train, cnnkit lr-find) -------------------------------------------------
@@ -92,8 +140,6 @@ def gallery_png(wrong: Sequence[dict[str, Any]], names: dict[str, str], path: st
 
 def _save_atomic(fig, path: str) -> None:
     """Save beside ``path`` and rename: a viewer never sees a half-written picture."""
-    import os
-
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         fig.tight_layout()

@@ -1,4 +1,5 @@
-"""Where code runs: the device, the cores it may use, worker counts and seeding."""
+"""Where code runs: the device, the cores it may use, worker counts and seeding; the --output
+folder of the commands that write one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,3 +83,15 @@ def release_memory() -> None:
     except OSError:
         pass
 
+
+def prepare_output_dir(folder: str, names: list[str], force: bool) -> None:
+    """Create ``folder`` (a command's --output), refusing one that already holds any of the files
+    ``names`` unless ``force``."""
+    existing = [name for name in names if os.path.exists(os.path.join(folder, name))]
+    if existing and not force:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise OutputError(f"{folder} already holds {shown}; use --force or another --output")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create --output {folder}: {exc.strerror or exc}") from None

@@ -270,6 +270,25 @@ def test_state_dict_that_does_not_fit_the_architecture_fails_on_build_model(smal
     assert "do not fit mobilenet_v3_small" in _assert_one_line(info)
 
 
+def test_a_regnet_checkpoint_loads_and_a_damaged_head_is_still_refused_unallocated(tmp_path):
+    """RegNet cannot be built on the meta device (its widths come from tensor values): the head
+    alone is checked there, and the checkpoint loads (it was refused as unbuildable)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model, head = build_model("regnet_x_400mf", 3, "none", hidden_units=8)
+    path = tmp_path / "regnet.pt"
+    Checkpoint("regnet_x_400mf", head, model.state_dict(), list(CLASSES), PreprocessConfig(32, 36)).save(path)
+    loaded = load_checkpoint(path).build_model()
+    batch = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(batch), model.eval()(batch))
+    damaged = load_checkpoint(path)
+    damaged.head = dataclasses.replace(damaged.head, hidden_units=10**9)  # 1.6 TB if it were allocated
+    with pytest.raises(CheckpointError) as info:
+        damaged.build_model()
+    assert "do not fit regnet_x_400mf: size mismatch for fc.0.weight: (8, 400)" in _assert_one_line(info)
+
+
 # --- checkpoints written by training --------------------------------------------------------
 
 

@@ -116,7 +116,7 @@ def test_help_does_not_import_torch():
     code = (
         "import sys\n"
         "from cnnkit.cli import main\n"
-        "for args in (['--help'], ['train', '--help'], ['predict', '--help'], ['info', '--help']):\n"
+        "for args in (['--help'], ['train', '--help'], ['predict', '--help'], ['info', '--help'], ['explain', '--help'], ['inspect', '--help']):\n"
         "    try:\n"
         "        main(args, prog_name='cnnkit')\n"
         "    except SystemExit as exc:\n"

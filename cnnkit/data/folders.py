@@ -35,7 +35,8 @@ class Splits:
         return {name: i for i, name in enumerate(self.classes)}
 
 
-def _walk_images(folder: str) -> list[str]:
+def walk_images(folder: str) -> list[str]:
+    """The image files under ``folder`` (recursed; hidden files and folders skipped), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -52,7 +53,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[Sample]]:
         raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
     samples: list[Sample] = []
     for index, name in enumerate(classes):
-        images = _walk_images(os.path.join(root, name))
+        images = walk_images(os.path.join(root, name))
         if not images:
             raise DataError(f"class folder {os.path.join(root, name)} has no images")
         samples.extend((path, index) for path in images)
@@ -176,7 +177,7 @@ def expand_inputs(inputs: Iterable[str], stdin: Iterable[str] | None = None) -> 
                 if line.strip():
                     yield line
         elif os.path.isdir(item):
-            images = _walk_images(item)
+            images = walk_images(item)
             if not images:
                 log.warning("no images in folder %s", item)
             yield from images

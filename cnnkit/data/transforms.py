@@ -111,6 +111,14 @@ def build_batch_mix(num_classes: int, mixup: float, cutmix: float) -> Callable[.
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
+def model_view(tensor: torch.Tensor, cfg: PreprocessConfig) -> Image.Image:
+    """The image as the model saw it: an eval pipeline's output (C, H, W), un-normalised."""
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    pixels = (tensor.detach().float().cpu() * std + mean).clamp(0, 1)
+    return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), mode="RGB")
+
+
 class _RefuseElongated:
     """Resizing the short side of a very elongated image (say 1x80000) can make it enormous."""
 

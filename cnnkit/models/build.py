@@ -64,6 +64,30 @@ _HEAD_PATHS: dict[str, str] = {
 }
 
 
+# Grad-CAM's target layer per family: the last convolutional feature block, whose maps the
+# global pooling reads. A trailing max-pool (VGG, AlexNet) is skipped by cam_layer: it only
+# halves the map that Grad-CAM then upsamples (to 1x1 on small inputs, which shows nothing).
+_CAM_PATHS: dict[str, str] = {
+    "resnet": "layer4",
+    "resnext": "layer4",
+    "wide_resnet": "layer4",
+    "regnet": "trunk_output",
+    "shufflenet": "conv5",
+    "vgg": "features",
+    "alexnet": "features",
+    "densenet": "features",  # ends in norm5; the forward's ReLU follows in place
+    "mobilenet": "features",
+    "efficientnet": "features",
+    "mnasnet": "layers",
+    "convnext": "features",
+}
+
+
+def arch_families() -> tuple[str, ...]:
+    """The architecture families cnnkit knows (an arch belongs to the longest prefix listed)."""
+    return tuple(sorted(_HEAD_PATHS))
+
+
 def _family(arch: str) -> str | None:
     return next((f for f in sorted(_HEAD_PATHS, key=len, reverse=True) if arch.startswith(f)), None)
 
@@ -81,9 +105,22 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"unknown --arch {arch!r}; valid: {', '.join(list_archs())}")
 
 
+def head_path(arch: str) -> str:
+    """Where :func:`build_model` puts the new head in a model of ``arch`` (a submodule path)."""
+    return _HEAD_PATHS[_family(arch)]  # type: ignore[index]
+
+
 def head_module(model: nn.Module, arch: str) -> nn.Module:
     """The new head inside a model built by :func:`build_model`."""
-    return model.get_submodule(_HEAD_PATHS[_family(arch)])  # type: ignore[index]
+    return model.get_submodule(head_path(arch))
+
+
+def cam_layer(model: nn.Module, arch: str) -> nn.Module:
+    """The layer whose activations and gradients Grad-CAM weighs, in a model of ``arch``."""
+    layer = model.get_submodule(_CAM_PATHS[_family(arch)])  # type: ignore[index]
+    if isinstance(layer, nn.Sequential) and len(layer) > 1 and isinstance(layer[-1], nn.MaxPool2d):
+        layer = layer[-2]
+    return layer
 
 
 def build_model(
@@ -116,7 +153,7 @@ def build_model(
     if freeze:
         for param in model.parameters():
             param.requires_grad_(False)
-    path = _HEAD_PATHS[_family(arch)]  # type: ignore[index]
+    path = head_path(arch)
     in_features = next(m for m in model.get_submodule(path).modules() if isinstance(m, nn.Linear)).in_features
     spec = HeadSpec(in_features, num_classes, hidden_units, dropout)
     model.set_submodule(path, build_head(spec))

@@ -26,7 +26,7 @@ from torch import nn
 from .. import __version__
 from ..config import PreprocessConfig
 from ..errors import CheckpointError, ConfigError, OutputError, first_line
-from .build import HeadSpec, list_archs, model_from_spec
+from .build import HeadSpec, build_head, head_path, list_archs, model_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,10 @@ class Checkpoint:
         if self.arch not in list_archs():
             raise CheckpointError(f"checkpoint is for an architecture this cnnkit and torchvision do not have: {self.arch!r}")
         try:
-            with torch.device("meta"):
-                skeleton = model_from_spec(self.arch, self.head)
+            shapes = _skeleton_state(self.arch, self.head)
         except (ConfigError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint describes a model cnnkit cannot build: {_first_sentence(exc)}") from None
-        for key, expected in skeleton.state_dict().items():
+        for key, expected in shapes.items():
             found = self.state_dict.get(key)
             if found is not None and found.shape != expected.shape:
                 raise CheckpointError(
@@ -164,6 +163,17 @@ class Checkpoint:
     def temperature(self) -> float:
         """Softmax temperature fitted by ``cnnkit evaluate --calibrate`` (1.0: uncalibrated)."""
         return float(self.calibration.get("temperature", 1.0))
+
+
+def _skeleton_state(arch: str, head: HeadSpec) -> dict[str, torch.Tensor]:
+    """The state of a model of ``arch`` with ``head``, as meta tensors (shapes, no memory)."""
+    with torch.device("meta"):
+        try:
+            return model_from_spec(arch, head).state_dict()
+        except NotImplementedError:
+            # RegNet computes its stage widths from tensor values, which meta tensors do not have:
+            # the head's shapes alone then (load_state_dict checks the backbone's, of a known size).
+            return {f"{head_path(arch)}.{key}": value for key, value in build_head(head).state_dict().items()}
 
 
 def library_versions() -> dict[str, str]:
