@@ -21,6 +21,7 @@ from .config import (
     EXPLAIN_METHODS,
     EXPORT_FORMATS,
     PREDICT_FORMATS,
+    TTA_MODES,
     EvaluateConfig,
     PredictConfig,
     TrainConfig,
@@ -89,6 +90,9 @@ names_option = click.option(
     "--category-names", type=click.Path(dir_okay=False), default=None,
     help="JSON object mapping class label (folder name) to a human-readable name.",
 )
+
+
+tta_option = click.option("--tta", type=click.Choice(TTA_MODES), default=None, help="Test-time augmentation: average the image with its mirror image (flip), or with every flip and quarter turn (flip+rot90: images with no natural orientation) [default: what the checkpoint was calibrated with by cnnkit evaluate --tta, else none].")
 
 
 def _augment(options: dict[str, Any]) -> dict[str, Any]:
@@ -168,6 +172,7 @@ _model_options = _options(
     click.option("--rot90", is_flag=True, help="Random rotations by multiples of 90 degrees too (the same)."),
     click.option("--mixup", type=float, default=0.0, show_default=True, metavar="ALPHA", help="MixUp training images in pairs (Beta(ALPHA, ALPHA) weights); 0: off."),
     click.option("--cutmix", type=float, default=0.0, show_default=True, metavar="ALPHA", help="CutMix training images in pairs; with --mixup too, each batch gets one of the two; 0: off."),
+    click.option("--ema", type=float, default=0.0, show_default=True, metavar="DECAY", help="Validate and save (best.pt) an exponential moving average of the weights, such as 0.999; 0: off."),
     click.option("--label-smoothing", type=float, default=0.0, show_default=True, metavar="EPS", help="Spread EPS of each training target evenly over the classes (the reported loss stays the plain NLL)."),
     click.option("--cache-features/--no-cache-features", default=None, help="With a frozen backbone, compute each image's backbone features once (kept in SAVE_DIR/feature_cache) and train the head on them: later epochs take a fraction of the first. Augmentation cannot apply to cached features, so --augment turns this off [default: on whenever valid]."),
     click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay (not applied to biases and normalisation weights)."),
@@ -276,6 +281,7 @@ def _split_seed_order(inputs: tuple[str, ...], checkpoint: str | None) -> tuple[
 @click.option("--resume", is_flag=True, help="Skip inputs already in --output and append the rest (after an interruption).")
 @click.option("--force", is_flag=True, help="Replace an existing --output.")
 @click.option("--shard", default=None, metavar="K/N", help="Score only slice K (0-based) of N, by a stable hash of each path: for array jobs.")
+@tta_option
 @click.option("--abstain", is_flag=True, help="Answer 'unknown' below the abstain threshold stored by cnnkit evaluate --target-coverage.")
 @_scoring_options
 @device_option
@@ -333,6 +339,7 @@ def info(checkpoint: str, as_json: bool) -> None:
 @click.option("--calibrate", is_flag=True, help="Fit a softmax temperature on these (validation) images and store it, so predict reports calibrated probabilities.")
 @click.option("--target-coverage", type=float, default=None, help="Pick and store the confidence threshold that keeps this share of images (predict --abstain uses it).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Folder for report.json, confusion_matrix.csv, predictions.csv and PNG pictures.")
+@tta_option
 @click.option("--worst", type=int, default=12, show_default=True, help="How many of the most confidently wrong images to list and show.")
 @click.option("--force", is_flag=True, help="Overwrite an --output report; store calibration in CHECKPOINT itself instead of NAME.calibrated.pt.")
 @_scoring_options
@@ -457,6 +464,7 @@ def inspect_command(as_json: bool, **options: Any) -> None:
 @click.option("--canary-header", default="X-Client-Id", show_default=True, help="Requests with this header are routed by its value: the same client always gets the same model.")
 @click.option("--shadow", type=click.Path(), default=None, help="A candidate model (same classes) that scores copies of the primary's requests off the request path: agreement, confidence and class-mix PSI in /metrics.")
 @click.option("--shadow-share", type=float, default=0.1, show_default=True, help="The most of a worker's time the shadow may use, and only while the worker holds no request (under load the shadow drops copies).")
+@tta_option
 @click.option("--shadow-queue", type=int, default=32, show_default=True, help="Copies waiting for the shadow, at most; more are dropped (cnnkit_shadow_images_total{result=\"dropped\"}).")
 @names_option
 @device_option

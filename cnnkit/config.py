@@ -27,6 +27,9 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Training-time augmentation policies (data/transforms.py builds them): none; light = random
 # resized crop + horizontal flip; trivial / rand = light + torchvision's TrivialAugmentWide / RandAugment.
 AUGMENT_POLICIES = ("none", "light", "trivial", "rand")
+# Test-time augmentation (data/transforms.tta_views): the image as is and flipped; or every flip
+# and quarter turn of it (for images with no natural orientation).
+TTA_MODES = ("none", "flip", "flip+rot90")
 EXPLAIN_METHODS = ("gradcam", "gradcam++")
 
 _T = TypeVar("_T")
@@ -146,6 +149,7 @@ class TrainConfig(Serializable):
     mixup: float = 0.0  # MixUp's alpha (0: off)
     cutmix: float = 0.0  # CutMix's alpha (0: off); with mixup too, each batch gets one of the two
     label_smoothing: float = 0.0  # the share of each target spread over all classes
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
     cache_features: bool | None = None  # None: whenever valid (frozen backbone, no augmentation)
     fine_tune: int = 0  # epochs of training the whole network after the head phase
     fine_tune_lr: float | None = None  # None: learning_rate / 10
@@ -199,6 +203,7 @@ class TrainConfig(Serializable):
         _check(self.mixup >= 0 and self.cutmix >= 0, f"--mixup and --cutmix must be 0 (off) or positive alphas, got "
                                                       f"{self.mixup} and {self.cutmix}")
         _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.ema == 0 or 0 < self.ema < 1, f"--ema DECAY must be 0 (off) or in (0, 1), such as 0.999; got {self.ema}")
         _check(
             not (self.cache_features and (self.augment not in (None, "none") or self.mixes)),
             "--cache-features computes each image's features once, so it cannot be combined with "
@@ -253,9 +258,11 @@ class PredictConfig(Serializable):
     force: bool = False  # overwrite an existing --output
     shard: str | None = None  # "K/N": score only the K-th (0-based) of N hash slices
     abstain: bool = False  # label images below the checkpoint's abstain threshold "unknown"
+    tta: str | None = None  # TTA_MODES; None: the checkpoint's (what it was calibrated with), else none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(str(p) for p in self.inputs))
+        _check(self.tta is None or self.tta in TTA_MODES, f"--tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
         _check(len(self.inputs) > 0, "give at least one INPUT: an image, a folder, or - for paths on stdin")
         _check(bool(self.checkpoint), "give a checkpoint with --checkpoint CKPT")
         _check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
@@ -316,9 +323,11 @@ class EvaluateConfig(Serializable):
     workers: int | None = None
     device: str = "auto"
     progress: bool = True
+    tta: str | None = None  # TTA_MODES; None: the checkpoint's, else none; stored with --calibrate/--target-coverage
 
     def __post_init__(self) -> None:
         _check(bool(self.checkpoint), "give the checkpoint to evaluate")
+        _check(self.tta is None or self.tta in TTA_MODES, f"--tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
         _check(bool(self.data_dir), "give DATA_DIR, a labelled ImageFolder")
         _check(self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}")
         _check(
@@ -408,6 +417,7 @@ class ServeConfig(Serializable):
     shadow: str | None = None  # a candidate model scoring copies of the primary's requests, off the request path
     shadow_share: float = 0.1  # the most of a worker's time the shadow may take, and only while it holds no request
     shadow_queue: int = 32  # copies waiting for the shadow, at most (more are dropped and counted)
+    tta: str | None = None  # TTA_MODES; None: the checkpoint's, else none
 
     def __post_init__(self) -> None:
         _check(bool(self.checkpoint), "give the model to serve: a checkpoint or an exported .onnx")
@@ -440,6 +450,7 @@ class ServeConfig(Serializable):
                f"--canary-header must be an HTTP header name such as X-Client-Id, got {self.canary_header!r}")
         _check(0 < self.shadow_share <= 1, f"--shadow-share must be above 0 and at most 1 (a share of time), got {self.shadow_share}")
         _check(self.shadow_queue >= 1, f"--shadow-queue must be at least 1 image, got {self.shadow_queue}")
+        _check(self.tta is None or self.tta in TTA_MODES, f"--tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         prepare_output_dir(cfg.output, list(REPORT_FILES), cfg.force)
     folder = resolve_eval_folder(cfg.data_dir, cfg.split)
     found, samples = scan_image_folder(folder)
-    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names)
+    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names, tta=cfg.tta)
     ckpt = predictor.checkpoint
     samples = match_classes(found, samples, ckpt.classes, cfg.ignore_unknown, folder)
     if not samples:
@@ -285,10 +285,13 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         "data": folder,
         "arch": ckpt.arch,
         "temperature": stored_t,
+        "tta": predictor.tta,
         "unreadable": unreadable,
         "classes": [{"label": c, "name": predictor.names.get(c, c)} for c in ckpt.classes],
     })
     calibration = dict(ckpt.calibration)
+    if cfg.calibrate or cfg.target_coverage is not None:  # what they were fitted with is what predict must use
+        calibration["tta"] = predictor.tta
     if cfg.calibrate:
         temperature = fit_temperature(log_probs, y)
         probs = softmax_with_temperature(log_probs, temperature)

@@ -71,7 +71,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     if not paths:
         log.warning("no images to explain")
     stems = _check_output(paths, cfg.output, cfg.force)
-    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names)
+    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names, tta="none")  # (the heat map's one view)
     mapper = HeatMapper(predictor.model, predictor.checkpoint.arch, cfg.method)
     target = _class_index(predictor, cfg.target) if cfg.target is not None else None
     top_k = predictor.cap_top_k(cfg.top_k)

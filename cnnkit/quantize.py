@@ -237,7 +237,7 @@ class GateReport:
 def measure_gate(ckpt: Checkpoint, float_onnx: str, int8_onnx: str, images: GateImages, cfg: ExportConfig) -> GateReport:
     """Score the held-out images with the float checkpoint, the float export and the int8 export,
     batch by batch in turn; accuracy, agreement and each one's median per-batch rate."""
-    torch_model = Predictor(ckpt, device="cpu")
+    torch_model = Predictor(ckpt, device="cpu", tta="none")  # (the gate compares one view with one view)
     runtimes = {"torch": torch_model.probabilities, "onnx": OnnxBackend(float_onnx, "cpu").probabilities,
                 "int8": OnnxBackend(int8_onnx, "cpu").probabilities}
     batch_size, _ = scoring_defaults(torch.device("cpu"), None, None)

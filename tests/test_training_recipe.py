@@ -125,7 +125,7 @@ def test_mixing_turns_the_feature_cache_off_and_says_so(image_folder, tmp_path, 
 
 def test_a_run_with_every_option_resumes_exactly_as_it_would_have_run(image_folder, tmp_path):
     cfg = tiny_train_config(image_folder, tmp_path / "straight", epochs=2, augment="trivial", random_erase=0.25,
-                            rot90=True, mixup=0.2, cutmix=1.0, label_smoothing=0.1)
+                            rot90=True, mixup=0.2, cutmix=1.0, label_smoothing=0.1, ema=0.9)
     straight = train(cfg)
     run_dir = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -139,6 +139,18 @@ def test_a_run_with_every_option_resumes_exactly_as_it_would_have_run(image_fold
     assert strip_timing(read_metrics(copy / "metrics.jsonl")) == strip_timing(straight.history)
     a, b = load_checkpoint(copy / "last.pt").state_dict, load_checkpoint(tmp_path / "straight" / "last.pt").state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_weights_are_validated_and_saved_in_best_and_the_raw_ones_in_last(image_folder, tmp_path):
+    result = train(tiny_train_config(image_folder, tmp_path, epochs=2, ema=0.5, learning_rate=0.01))
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    average = {k.removeprefix("module."): v for k, v in last.training_state["ema"].items() if k.startswith("module.")}
+    assert average.keys() == last.state_dict.keys()
+    assert any(not torch.equal(average[k], last.state_dict[k]) for k in average)  # the average is not the raw weights
+    assert any(not torch.equal(average[k], last.state_dict[k]) for k in average if "running_mean" in k)  # BN too
+    if result.best_epoch == 2:  # best.pt holds the average at its epoch
+        assert all(torch.equal(best.state_dict[k], average[k]) for k in average)
+    assert last.training_state["ema"]["n_averaged"].item() == result.history[-1]["epoch"] * 3  # 18 images, batches of 6
 
 
 def test_lr_find_takes_the_recipe_options(image_folder, tmp_path):

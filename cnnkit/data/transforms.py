@@ -111,6 +111,18 @@ def build_batch_mix(num_classes: int, mixup: float, cutmix: float) -> Callable[.
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
+def tta_views(batch: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views of a preprocessed batch (N, C, H, W) that test-time augmentation scores: the
+    batch itself; with ``flip`` its mirror image too; with ``flip+rot90`` each of the 8 flips and
+    quarter turns (square crops keep their shape)."""
+    if mode == "none":
+        return [batch]
+    mirrored = batch.flip(3)
+    if mode == "flip":
+        return [batch, mirrored]
+    return [view.rot90(k, dims=(2, 3)) for view in (batch, mirrored) for k in range(4)]
+
+
 def model_view(tensor: torch.Tensor, cfg: PreprocessConfig) -> Image.Image:
     """The image as the model saw it: an eval pipeline's output (C, H, W), un-normalised."""
     mean = torch.tensor(cfg.mean).view(3, 1, 1)

@@ -41,7 +41,7 @@ class PredictionStream:
 def predict(cfg: PredictConfig) -> PredictionStream:
     """Load the model, list the inputs (this ``--shard``, less those already in ``--output`` when
     resuming) and return their predictions as they are scored."""
-    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names)
+    predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names, tta=cfg.tta)
     threshold = predictor.abstain_threshold() if cfg.abstain else None
     paths = list(expand_inputs(cfg.inputs))  # strings only: cheap even for a huge folder
     if cfg.shard_spec is not None:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.folders import ImageDataset, collate, load_category_names
-from ..data.transforms import build_transforms
+from ..data.transforms import build_transforms, tta_views
 from ..errors import ConfigError
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.exported import is_onnx_file
@@ -80,6 +80,7 @@ class Predictor:
         checkpoint: Checkpoint | str,
         device: str = "auto",
         category_names: str | None = None,
+        tta: str | None = None,
     ):
         self.backend = None  # an exported ONNX model (OnnxBackend) scoring instead of self.model
         if isinstance(checkpoint, str) and is_onnx_file(checkpoint):
@@ -99,6 +100,8 @@ class Predictor:
         if self.model is not None:
             self.model = self.model.to(memory_format=self.memory_format)
         self.transform = build_transforms(self.checkpoint.preprocess, train=False)
+        # The TTA asked for, else the one the checkpoint was calibrated with (cnnkit evaluate --tta).
+        self.tta = tta or str(self.checkpoint.calibration.get("tta", "none"))
 
     def abstain_threshold(self) -> float:
         """The confidence below which ``--abstain`` answers unknown (set by ``cnnkit evaluate``)."""
@@ -119,13 +122,26 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
         """Class probabilities (rows sum to 1) for a batch of preprocessed images, with the
-        checkpoint's fitted temperature applied unless ``calibrated`` is False."""
+        checkpoint's fitted temperature applied unless ``calibrated`` is False.
+
+        With test-time augmentation (:attr:`tta`) the views are averaged in log space (their
+        logits, renormalised: a geometric mean of their probabilities), so that a temperature
+        fitted on averaged views applies unchanged, whether or not it is applied before."""
+        views = tta_views(batch, self.tta)
+        if len(views) == 1:
+            if self.backend is not None:  # (as it is: no round trip through the log)
+                return self.backend.probabilities(batch)
+            return self._log_probabilities(batch, calibrated).exp()
+        log_probs = self._log_probabilities(torch.cat(views), calibrated)
+        return torch.softmax(log_probs.view(len(views), len(batch), -1).mean(dim=0), dim=1)
+
+    def _log_probabilities(self, batch: torch.Tensor, calibrated: bool) -> torch.Tensor:
         if self.backend is not None:  # the export's output is already (calibrated) probabilities
-            return self.backend.probabilities(batch)
+            return self.backend.probabilities(batch).clamp_min(1e-30).log()
         log_probs = self.model(batch.to(self.device, memory_format=self.memory_format)).float()
         if calibrated and self.checkpoint.temperature != 1.0:
             log_probs = torch.log_softmax(log_probs / self.checkpoint.temperature, dim=1)
-        return log_probs.exp().cpu()
+        return log_probs.cpu()
 
     def _guesses(self, probs: torch.Tensor, k: int) -> list[list[Guess]]:
         values, indices = probs.topk(k, dim=1)

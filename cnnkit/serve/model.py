@@ -73,7 +73,7 @@ def load_served_model(cfg: ServeConfig, path: str, *, check: bool = True, versio
     has hashed it already. Raises CnnkitError (the file, its classes, names or preprocessing)."""
     from ..inference.predictor import Predictor
 
-    predictor = Predictor(path, cfg.device, cfg.category_names)  # (a missing or bad file: CheckpointError)
+    predictor = Predictor(path, cfg.device, cfg.category_names, tta=cfg.tta)  # (a missing or bad file: CheckpointError)
     version = version or model_version(path)
     ckpt = predictor.checkpoint
     exported = predictor.backend

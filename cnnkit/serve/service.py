@@ -327,6 +327,7 @@ def describe(service: ModelService) -> dict[str, Any]:
             "images_per_second": round(admission.rate, 2) if admission.rate else None,
             "timeout_s": cfg.timeout,
             "default_top_k": cfg.top_k,
+            "tta": predictor.tta,
         },
         "rollout": {
             "canary": None if models.canary is None else {

@@ -60,6 +60,8 @@ class Trainer:
         self.scaler: Any = None
         self.net: nn.Module | None = None  # what a batch goes through: the model, or the head on cached features
         self.train_net: nn.Module | None = None  # the same, in DistributedDataParallel under torchrun
+        self.validated: nn.Module | None = None  # validated instead of `net`, if a callback sets it (the EMA)
+        self.deployed_weights: Any = None  # best.pt's weights instead of the model's, if a callback sets it
         # What callbacks read: the current step's learning rate (a callback may set it in
         # before_step) and objective, and the epoch's results.
         self.lr = 0.0
@@ -207,8 +209,9 @@ class Trainer:
             after_step=after_step if self._step_events else None, clip_grad=cfg.clip_grad, scaler=self.scaler,
             mix=self.mix, label_smoothing=cfg.label_smoothing, **common,
         )
-        self.net.eval()
-        val = run_epoch(self.net, self.valid_loader, self.device, None, f"epoch {epoch}/{end} valid", bars, **common)
+        validated = self.validated or self.net
+        validated.eval()
+        val = run_epoch(validated, self.valid_loader, self.device, None, f"epoch {epoch}/{end} valid", bars, **common)
         self.train_stats, self.val_stats = fit, val
         self.row = {
             "epoch": epoch,
@@ -268,7 +271,8 @@ class Trainer:
         return Checkpoint(
             arch=self.cfg.arch,
             head=run.head_spec,
-            state_dict={k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+            state_dict={k: v.detach().cpu() for k, v in (
+                run.model.state_dict() if with_state or self.deployed_weights is None else self.deployed_weights()).items()},
             classes=run.splits.classes,
             preprocess=run.preprocess,
             class_names=run.class_names,

@@ -8,18 +8,20 @@ from .base import Callback, CancelFit
 from .checkpoints import Checkpoints
 from .curves import Curves
 from .early_stop import EarlyStopping
+from .ema import ModelEma
 from .metrics_log import MetricsLog
 
 if TYPE_CHECKING:
     from ...config import TrainConfig
 
-__all__ = ["Callback", "CancelFit", "Checkpoints", "Curves", "EarlyStopping", "MetricsLog", "default_callbacks"]
+__all__ = ["Callback", "CancelFit", "Checkpoints", "Curves", "EarlyStopping", "MetricsLog", "ModelEma", "default_callbacks"]
 
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
-    """The callbacks of ``cnnkit train``, in the order the kill -9 tests rely on: the early-stop
-    decision, then the writes (metrics row → best.pt → last.pt → curves.png → MLflow)."""
-    callbacks: list[Callback] = []
+    """The callbacks of ``cnnkit train``, in the order the kill -9 tests rely on: the weights'
+    average, the early-stop decision, then the writes (metrics row → best.pt → last.pt →
+    curves.png → MLflow)."""
+    callbacks: list[Callback] = [ModelEma(cfg.ema)] if cfg.ema else []
     if cfg.early_stop is not None:
         callbacks.append(EarlyStopping(cfg.early_stop))
     callbacks += [MetricsLog(), Checkpoints(), Curves()]
