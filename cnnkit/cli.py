@@ -187,6 +187,7 @@ _model_options = _options(
 @_model_options
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate (cnnkit lr-find suggests one).")
 @click.option("--epochs", type=int, default=None, help="Epochs of training (the head's, when the backbone is frozen) [default: 5; with --resume, the run's own].")
+@click.option("--time-budget", default=None, metavar="DURATION", help="Plan the epochs to end inside DURATION (90s, 25m, 1h30m) from the first epochs' measured speed: the warm-up and cosine schedule complete on time (instead of --epochs).")
 @click.option("--scheduler", type=click.Choice(["none", "cosine", "step"]), default="cosine", show_default=True, help="Learning-rate schedule of each phase, per step: cosine decay or /10 at each third, after a linear warm-up; none: constant.")
 @click.option("--warmup", type=float, default=None, metavar="EPOCHS", help="Linear warm-up at the start of each phase [default: a tenth of the phase, at most 1 epoch].")
 @click.option("--early-stop", type=int, default=None, metavar="PATIENCE", help="End a phase after PATIENCE epochs without a lower validation loss [default: off].")

@@ -21,6 +21,17 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 SCHEDULERS = ("none", "cosine", "step")
 CLASS_WEIGHTS = ("none", "balanced")
 DEFAULT_EPOCHS = 5
+BUDGET_EPOCHS = 10_000  # a time-budget run's epochs until its first epochs are timed (then planned)
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``90s``, ``25m`` or ``1h30m``; raises ConfigError."""
+    match = _DURATION.match(text.strip().lower()) if text else None
+    if not match or not any(match.groups()):
+        raise ConfigError(f"--time-budget must be a duration such as 90s, 25m or 1h30m, got {text!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 SAMPLERS = ("shuffle", "balanced")
 PREDICT_FORMATS = ("table", "json", "jsonl", "csv")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -150,6 +161,7 @@ class TrainConfig(Serializable):
     cutmix: float = 0.0  # CutMix's alpha (0: off); with mixup too, each batch gets one of the two
     label_smoothing: float = 0.0  # the share of each target spread over all classes
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
+    time_budget: str | None = None  # "25m", "1h30m": the epochs are planned from the first ones' speed to fit it
     cache_features: bool | None = None  # None: whenever valid (frozen backbone, no augmentation)
     fine_tune: int = 0  # epochs of training the whole network after the head phase
     fine_tune_lr: float | None = None  # None: learning_rate / 10
@@ -203,6 +215,10 @@ class TrainConfig(Serializable):
         _check(self.mixup >= 0 and self.cutmix >= 0, f"--mixup and --cutmix must be 0 (off) or positive alphas, got "
                                                       f"{self.mixup} and {self.cutmix}")
         _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.time_budget is not None:
+            _check(parse_duration(self.time_budget) >= 1, f"--time-budget must be at least 1s, got {self.time_budget}")
+            _check(not self.fine_tune, "--time-budget plans the epochs of one phase: drop --fine-tune (or use --epochs "
+                   "and --fine-tune without a budget)")
         _check(self.ema == 0 or 0 < self.ema < 1, f"--ema DECAY must be 0 (off) or in (0, 1), such as 0.999; got {self.ema}")
         _check(
             not (self.cache_features and (self.augment not in (None, "none") or self.mixes)),

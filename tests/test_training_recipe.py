@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,3 +170,53 @@ def test_checkpoints_from_before_the_policies_keep_their_augmentation():
     assert PreprocessConfig.from_dict({"image_size": 64, "resize_size": 72}).policy == "light"
     with pytest.raises(ConfigError, match="--augment must be one of"):
         TrainConfig("d", augment="heavy")
+
+
+# --- the time budget --------------------------------------------------------------------------
+
+
+def test_durations_parse_and_bad_ones_say_what_to_write():
+    from cnnkit.config import parse_duration
+
+    assert [parse_duration(t) for t in ("90s", "25m", "1h30m", "1.5h", "2m30s")] == [90, 1500, 5400, 5400, 150]
+    for bad in ("", "25", "m", "1d", "-5m"):
+        with pytest.raises(ConfigError, match="90s, 25m or 1h30m"):
+            parse_duration(bad)
+    with pytest.raises(ConfigError, match="--fine-tune"):
+        TrainConfig("d", time_budget="10m", fine_tune=2)
+
+
+def test_plan_epochs_fills_the_budget_and_keeps_a_reserve():
+    from cnnkit.training.callbacks.time_budget import plan_epochs
+
+    assert plan_epochs(budget=100, elapsed=12, epoch_seconds=10, done=1, reserve=3) == 1 + 8  # 85 s left: 8 more
+    assert plan_epochs(budget=100, elapsed=99, epoch_seconds=10, done=1, reserve=3) == 1  # nothing left
+    assert plan_epochs(budget=60, elapsed=20, epoch_seconds=9.5, done=2, reserve=0) == 2 + 4
+
+
+def test_a_time_budget_plans_the_epochs_from_a_fake_clock_and_the_schedule_ends(image_folder, tmp_path, monkeypatch):
+    """Each epoch takes 10 s of a fake clock; a 65 s budget leaves room for 6 epochs (and the
+    reserve): the cosine schedule is planned for them, reaches zero on the last, and last.pt
+    keeps the plan."""
+    import cnnkit.training.callbacks.time_budget as budget_module
+
+    clock = {"now": 0.0}
+    real_after_epoch = budget_module.TimeBudget.after_epoch
+
+    def after_epoch(self, trainer):  # an epoch "takes" 10 s
+        clock["now"] += 10.0
+        real_after_epoch(self, trainer)
+
+    monkeypatch.setattr(budget_module, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    monkeypatch.setattr(budget_module.TimeBudget, "after_epoch", after_epoch)
+    result = train(tiny_train_config(image_folder, tmp_path, epochs=None, time_budget="65s", scheduler="cosine"))
+    assert result.epochs == 6
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] == pytest.approx(0.01 * 1e-3)  # epoch 1 warms up from 1%
+    assert lrs[1] == pytest.approx(1e-3)  # the cosine starts at the peak after the warm-up epoch...
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))  # ...and decays every epoch
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert TrainConfig.from_dict(last.train_config).epochs == 6 and last.training_state["budget_planned"] == 6
+    from cnnkit.training.schedule import lr_factor
+
+    assert lr_factor(6.0, 6, "cosine", 1.0) == 0.0  # the schedule's end is the run's end

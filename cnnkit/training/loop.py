@@ -15,6 +15,7 @@ in ``last.pt``'s training state as plain values and tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from typing import Any, Sequence
@@ -88,6 +89,12 @@ class Trainer:
         for callback in self._local + (self._main if self.ctx.is_main else []):
             getattr(callback, event)(self, *args)
 
+    def replan(self, **fields: Any) -> None:
+        """Change the run's config (a time budget's planned epochs and warm-up): it is what
+        ``last.pt`` saves, so a resumed run keeps the plan."""
+        self.cfg = dataclasses.replace(self.cfg, **fields)
+        self.run.recipe = self.recipe = dataclasses.replace(self.recipe, cfg=self.cfg)
+
     def request_stop(self, reason: str) -> None:
         """End the current phase after this epoch (the run, unless fine-tuning comes next)."""
         self.stop_reason = reason
@@ -95,16 +102,16 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------
 
     def fit(self) -> None:
-        run, state, recipe = self.run, self.state, self.recipe
+        run, state = self.run, self.state
         describe(run)
         self.fire("before_fit")
         epoch = run.start_epoch
-        try:
-            while not run.finishing and epoch < recipe.end_epoch(state.fine_tune_from):
+        try:  # (self.recipe, not a local: a callback may replan the run)
+            while not run.finishing and epoch < self.recipe.end_epoch(state.fine_tune_from):
                 epoch += 1
-                if recipe.freeze and self.cfg.fine_tune and state.fine_tune_from is None and epoch > self.cfg.epochs:
+                if self.recipe.freeze and self.cfg.fine_tune and state.fine_tune_from is None and epoch > self.cfg.epochs:
                     state.fine_tune_from = epoch - 1  # resumed with a shorter --epochs
-                phase = recipe.phase(epoch, state.fine_tune_from)
+                phase = self.recipe.phase(epoch, state.fine_tune_from)
                 if phase != self.phase:
                     self._enter_phase(phase)
                 self._epoch(epoch)
@@ -114,24 +121,16 @@ class Trainer:
             pass
         except KeyboardInterrupt:
             self._fire_unsynced("on_interrupt")
-            raise Interrupted(self._stopped_message(epoch, f"interrupted in epoch {epoch}")) from None
+            raise Interrupted(stopped_message(self.run, epoch, f"interrupted in epoch {epoch}")) from None
         except BaseException as exc:
             self._fire_unsynced("on_error", exc)
             died = worker_death(exc)
             if died is None:
                 raise
             raise WorkerError(
-                self._stopped_message(epoch, f"{died}, in epoch {epoch}") + " (--workers 0 loads images in the main process)"
+                stopped_message(self.run, epoch, f"{died}, in epoch {epoch}") + " (--workers 0 loads images in the main process)"
             ) from None
         self.fire("after_fit")
-
-    def _stopped_message(self, epoch: int, what: str) -> str:
-        done, last = epoch - 1, self.run.paths[LAST]
-        if done > self.run.start_epoch or self.run.resumed is not None:
-            return f"{what}; {last} holds epoch {done}: continue with --resume {last}"
-        if what.startswith("interrupted"):
-            return f"{what}, before any epoch finished; nothing was saved"
-        return f"{what}; no epoch had finished; nothing was saved"
 
     def _enter_phase(self, phase: str) -> None:
         cfg, run, state = self.cfg, self.run, self.state
@@ -285,3 +284,13 @@ class Trainer:
     def _info(self, *args: Any, warning: bool = False) -> None:
         if self.ctx.is_main:
             (log.warning if warning else log.info)(*args)
+
+
+def stopped_message(run: Run, epoch: int, what: str) -> str:
+    """What a run stopped in ``epoch`` says: where to resume from, or that nothing was saved."""
+    done, last = epoch - 1, run.paths[LAST]
+    if done > run.start_epoch or run.resumed is not None:
+        return f"{what}; {last} holds epoch {done}: continue with --resume {last}"
+    if what.startswith("interrupted"):
+        return f"{what}, before any epoch finished; nothing was saved"
+    return f"{what}; no epoch had finished; nothing was saved"

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..config import DEFAULT_EPOCHS, PreprocessConfig, TrainConfig
+from ..config import BUDGET_EPOCHS, DEFAULT_EPOCHS, PreprocessConfig, TrainConfig
 from ..data.folders import Splits, load_category_names, load_splits
 from ..data.transforms import resolve_preprocess
 from ..distributed import DistContext
@@ -93,8 +93,8 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext, outputs: bool = True) -> Run
     resumed = load_checkpoint(cfg.resume) if cfg.resume else None
     if resumed is not None:
         cfg = resume_config(cfg, resumed)
-    if cfg.epochs is None:
-        cfg = dataclasses.replace(cfg, epochs=DEFAULT_EPOCHS)
+    if cfg.epochs is None:  # (a time budget plans its epochs once the first ones are timed)
+        cfg = dataclasses.replace(cfg, epochs=BUDGET_EPOCHS if cfg.time_budget else DEFAULT_EPOCHS)
     check_arch(cfg.arch)
     splits = load_splits(cfg.data_dir, cfg.val_split, cfg.seed)
     class_names = load_category_names(cfg.category_names, splits.classes) if cfg.category_names else {}

@@ -10,18 +10,21 @@ from .curves import Curves
 from .early_stop import EarlyStopping
 from .ema import ModelEma
 from .metrics_log import MetricsLog
+from .time_budget import TimeBudget
 
 if TYPE_CHECKING:
     from ...config import TrainConfig
 
-__all__ = ["Callback", "CancelFit", "Checkpoints", "Curves", "EarlyStopping", "MetricsLog", "ModelEma", "default_callbacks"]
+__all__ = ["Callback", "CancelFit", "Checkpoints", "Curves", "EarlyStopping", "MetricsLog", "ModelEma", "TimeBudget", "default_callbacks"]
 
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """The callbacks of ``cnnkit train``, in the order the kill -9 tests rely on: the weights'
-    average, the early-stop decision, then the writes (metrics row → best.pt → last.pt →
+    average, the time budget's plan, the early-stop decision, then the writes (metrics row → best.pt → last.pt →
     curves.png → MLflow)."""
     callbacks: list[Callback] = [ModelEma(cfg.ema)] if cfg.ema else []
+    if cfg.time_budget:  # (before the writes: last.pt saves the plan made after this epoch)
+        callbacks.append(TimeBudget(cfg.time_budget))
     if cfg.early_stop is not None:
         callbacks.append(EarlyStopping(cfg.early_stop))
     callbacks += [MetricsLog(), Checkpoints(), Curves()]
