@@ -38,6 +38,15 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Training-time augmentation policies (data/transforms.py builds them): none; light = random
 # resized crop + horizontal flip; trivial / rand = light + torchvision's TrivialAugmentWide / RandAugment.
 AUGMENT_POLICIES = ("none", "light", "trivial", "rand")
+# The training recipes (``--recipe``): what each sets where the run's flags leave a field unset
+# (None). plain: the recipe before issue 12; scratch: the default for --weights none; transfer:
+# the default for pretrained weights. Chosen by measurement: benchmarks/recipe_bench.py, RESULTS.md.
+RECIPES: dict[str, dict[str, Any]] = {
+    "plain": {"augment": None, "random_erase": 0.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "ema": 0.0},
+    "scratch": {"augment": "trivial", "random_erase": 0.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.1,
+                "ema": 0.0},
+    "transfer": {"augment": None, "random_erase": 0.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "ema": 0.0},
+}
 # Test-time augmentation (data/transforms.tta_views): the image as is and flipped; or every flip
 # and quarter turn of it (for images with no natural orientation).
 TTA_MODES = ("none", "flip", "flip+rot90")
@@ -154,13 +163,15 @@ class TrainConfig(Serializable):
     class_weights: str = "none"  # none | balanced: weight the loss by inverse class frequency
     sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often
     augment: str | None = None  # AUGMENT_POLICIES; None: light while the backbone trains, none while it is frozen
-    random_erase: float = 0.0  # probability of erasing a random rectangle of a training image
+    recipe: str | None = None  # RECIPES; None: scratch with --weights none, else transfer
+    # None in the five below: the recipe's value (with_recipe fills them in)
+    random_erase: float | None = None  # probability of erasing a random rectangle of a training image
     vflip: bool = False  # vertical flips too (images with no natural orientation: cells, satellites, scans)
     rot90: bool = False  # random multiples of 90 degrees too (the same)
-    mixup: float = 0.0  # MixUp's alpha (0: off)
-    cutmix: float = 0.0  # CutMix's alpha (0: off); with mixup too, each batch gets one of the two
-    label_smoothing: float = 0.0  # the share of each target spread over all classes
-    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
+    mixup: float | None = None  # MixUp's alpha (0: off)
+    cutmix: float | None = None  # CutMix's alpha (0: off); with mixup too, each batch gets one of the two
+    label_smoothing: float | None = None  # the share of each target spread over all classes
+    ema: float | None = None  # decay of an exponential moving average of the weights, validated and saved (0: off)
     time_budget: str | None = None  # "25m", "1h30m": the epochs are planned from the first ones' speed to fit it
     cache_features: bool | None = None  # None: whenever valid (frozen backbone, no augmentation)
     fine_tune: int = 0  # epochs of training the whole network after the head phase
@@ -211,15 +222,18 @@ class TrainConfig(Serializable):
             self.augment is None or self.augment in AUGMENT_POLICIES,
             f"--augment must be one of {', '.join(AUGMENT_POLICIES)}, got {self.augment!r}",
         )
-        _check(0 <= self.random_erase <= 1, f"--random-erase must be a probability in [0, 1], got {self.random_erase}")
-        _check(self.mixup >= 0 and self.cutmix >= 0, f"--mixup and --cutmix must be 0 (off) or positive alphas, got "
-                                                      f"{self.mixup} and {self.cutmix}")
-        _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.recipe is None or self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        _check(self.random_erase is None or 0 <= self.random_erase <= 1,
+               f"--random-erase must be a probability in [0, 1], got {self.random_erase}")
+        _check((self.mixup or 0) >= 0 and (self.cutmix or 0) >= 0,
+               f"--mixup and --cutmix must be 0 (off) or positive alphas, got {self.mixup} and {self.cutmix}")
+        _check(self.label_smoothing is None or 0 <= self.label_smoothing < 1,
+               f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.time_budget is not None:
             _check(parse_duration(self.time_budget) >= 1, f"--time-budget must be at least 1s, got {self.time_budget}")
             _check(not self.fine_tune, "--time-budget plans the epochs of one phase: drop --fine-tune (or use --epochs "
                    "and --fine-tune without a budget)")
-        _check(self.ema == 0 or 0 < self.ema < 1, f"--ema DECAY must be 0 (off) or in (0, 1), such as 0.999; got {self.ema}")
+        _check(not self.ema or 0 < self.ema < 1, f"--ema DECAY must be 0 (off) or in (0, 1), such as 0.999; got {self.ema}")
         _check(
             not (self.cache_features and (self.augment not in (None, "none") or self.mixes)),
             "--cache-features computes each image's features once, so it cannot be combined with "
@@ -249,7 +263,14 @@ class TrainConfig(Serializable):
     @property
     def mixes(self) -> bool:
         """Whether training images are mixed in pairs (MixUp or CutMix)."""
-        return self.mixup > 0 or self.cutmix > 0
+        return (self.mixup or 0) > 0 or (self.cutmix or 0) > 0
+
+    def with_recipe(self) -> "TrainConfig":
+        """This config with its recipe named (by default: scratch without pretrained weights,
+        transfer with them) and the recipe's value in every field the flags left unset."""
+        name = self.recipe or ("transfer" if self.pretrained else "scratch")
+        unset = {field: value for field, value in RECIPES[name].items() if getattr(self, field) is None}
+        return dataclasses.replace(self, recipe=name, **unset)
 
     @property
     def resolved_fine_tune_lr(self) -> float:

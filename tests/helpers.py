@@ -57,7 +57,8 @@ def make_flat_folder(root: Path, per_class: int = N_FLAT, seed: int = 1) -> Path
 
 
 def tiny_train_config(data_dir: os.PathLike | str, save_dir: os.PathLike | str, **overrides: Any):
-    """A TrainConfig small enough for a CPU test: resnet18 from scratch on 32 px crops."""
+    """A TrainConfig small enough for a CPU test: resnet18 from scratch on 32 px crops, with the
+    plain recipe (light augmentation only) unless ``recipe`` says otherwise."""
     from cnnkit.config import TrainConfig
 
     values: dict[str, Any] = dict(
@@ -74,6 +75,7 @@ def tiny_train_config(data_dir: os.PathLike | str, save_dir: os.PathLike | str, 
         device="cpu",
         seed=0,
         progress=False,
+        recipe="plain",
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -130,7 +132,7 @@ def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None, time
 # Flags of `cnnkit train` matching tiny_train_config (epochs and save dir are given per test).
 TINY_TRAIN_ARGS = [
     "--arch", "resnet18", "--weights", "none", "--hidden-units", "32", "--batch-size", "6",
-    "--workers", "0", "--image-size", "32", "--resize-size", "36", "--device", "cpu", "--no-progress",
+    "--workers", "0", "--image-size", "32", "--resize-size", "36", "--device", "cpu", "--no-progress", "--recipe", "plain",
 ]
 
 

@@ -163,6 +163,26 @@ def test_lr_find_takes_the_recipe_options(image_folder, tmp_path):
     assert len(result.losses) == 10 and all(torch.isfinite(torch.tensor(result.losses)))
 
 
+@pytest.mark.parametrize("weights", ["none", "file"])
+def test_the_default_recipe_is_scratch_from_scratch_and_transfer_from_pretrained_weights(image_folder, tmp_path, caplog,
+                                                                                        weights):
+    from cnnkit.config import RECIPES
+
+    if weights == "file":
+        from torchvision.models import resnet18
+
+        weights = str(tmp_path / "backbone.pth")
+        torch.save(resnet18().state_dict(), weights)
+    caplog.set_level("INFO", logger="cnnkit")
+    cfg = tiny_train_config(image_folder, tmp_path / "run", recipe=None, weights=weights, epochs=1, label_smoothing=0.05)
+    train(cfg)
+    saved = TrainConfig.from_dict(load_checkpoint(tmp_path / "run" / "best.pt").train_config)
+    name = "scratch" if weights == "none" else "transfer"
+    assert saved.recipe == name and f"recipe {name} (the default for" in caplog.text
+    assert saved.label_smoothing == 0.05  # a flag overrides the recipe's field...
+    assert all(getattr(saved, k) == v for k, v in RECIPES[name].items() if k != "label_smoothing")  # ...and no other
+
+
 def test_checkpoints_from_before_the_policies_keep_their_augmentation():
     assert TrainConfig.from_dict({"data_dir": "d", "augment": True}).augment == "light"
     assert TrainConfig.from_dict({"data_dir": "d", "augment": False}).augment == "none"

@@ -93,6 +93,7 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext, outputs: bool = True) -> Run
     resumed = load_checkpoint(cfg.resume) if cfg.resume else None
     if resumed is not None:
         cfg = resume_config(cfg, resumed)
+    cfg = cfg.with_recipe()
     if cfg.epochs is None:  # (a time budget plans its epochs once the first ones are timed)
         cfg = dataclasses.replace(cfg, epochs=BUDGET_EPOCHS if cfg.time_budget else DEFAULT_EPOCHS)
     check_arch(cfg.arch)
@@ -244,3 +245,21 @@ def describe(run: Run) -> None:
         run.recipe.end_epoch(state.fine_tune_from),
         f" (the last {cfg.fine_tune} fine-tuning the backbone)" if cfg.fine_tune else "",
     )
+    log.info("recipe %s (%s): %s", cfg.recipe, recipe_reason(cfg), ", ".join(recipe_settings(cfg)))
+
+
+def recipe_reason(cfg: TrainConfig) -> str:
+    if cfg.resume:
+        return "the resumed run's"
+    if cfg.recipe != ("transfer" if cfg.pretrained else "scratch"):
+        return "--recipe"
+    return "the default for pretrained weights" if cfg.pretrained else "the default for --weights none"
+
+
+def recipe_settings(cfg: TrainConfig) -> list[str]:
+    """The recipe's fields as this run has them, flags over the recipe's values."""
+    settings = [f"augment {cfg.augment or 'light while the backbone trains'}"]
+    for name in ("random_erase", "mixup", "cutmix", "label_smoothing", "ema"):
+        value = getattr(cfg, name)
+        settings.append(f"{name.replace('_', ' ')} {value:g}" if value else f"no {name.replace('_', ' ')}")
+    return settings

@@ -104,7 +104,9 @@ def resume_config(cfg: TrainConfig, resumed: Checkpoint) -> TrainConfig:
     from ``cfg``; any other flag that differs from the recipe is refused."""
     if not resumed.training_state:
         raise CheckpointError(f"{cfg.resume} cannot be resumed (it holds no training state; use last.pt)")
-    recipe = TrainConfig.from_dict(resumed.train_config)
+    saved = dict(resumed.train_config)
+    saved.setdefault("recipe", "plain")  # a run from before the recipes trained with none of them
+    recipe = TrainConfig.from_dict(saved).with_recipe()
     defaults = TrainConfig(data_dir=cfg.data_dir)
     conflicts = [
         f.name

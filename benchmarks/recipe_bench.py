@@ -1,0 +1,107 @@
+"""Training recipes against each other (issue 12): accuracy, calibration and time, over seeds.
+
+Each recipe is a set of ``cnnkit train`` flags on top of the same base command: resnet18 from
+scratch (``--weights none``). Two settings:
+
+- ``--data mini``: the README demo's run, on the bundled ``data/flowers-mini`` (5 classes, 120
+  training, 28 validation, 27 test photos), 64-px crops, ``--epochs 15`` (fixed epochs: a busy
+  machine changes the times, not the figures);
+- ``--data flowers-20``: ``../shared/data/flowers-20`` (20 classes, 2,044 / 247 / 248 photos),
+  128-px crops, every recipe under the same ``--time-budget`` (15m by default): the
+  recipes' speed matters there, so run it on a quiet machine.
+
+For each recipe and seed: the best epoch's validation accuracy (what ``best.pt`` holds), then
+``cnnkit evaluate best.pt`` on the test split: top-1 accuracy and ECE (15 bins); and the run's
+wall time. Medians/means with min–max over seeds; raw runs in benchmarks/out/recipe_bench_*.json.
+
+    python benchmarks/recipe_bench.py --data mini --seeds 0 1 2 3 4
+    python benchmarks/recipe_bench.py --data flowers-20 --recipes plain scratch --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from limit import CNNKIT, FLOWERS_20, REPO, machine, subprocess_env  # noqa: E402
+
+MIX = ["--mixup", "0.2", "--cutmix", "1.0"]
+# Candidates: flags over --recipe plain (light augmentation, random resized crop + flip: the
+# recipe before issue 12); and the named recipes as cnnkit defines them now.
+RECIPES = {
+    "plain": [],
+    "trivial": ["--augment", "trivial"],
+    "trivial+ls": ["--augment", "trivial", "--label-smoothing", "0.1"],
+    "trivial+mix+ls": ["--augment", "trivial", *MIX, "--label-smoothing", "0.1"],
+    "trivial+mix+ls+ema": ["--augment", "trivial", *MIX, "--label-smoothing", "0.1", "--ema", "0.9"],
+    "rand+erase+ls": ["--augment", "rand", "--random-erase", "0.25", "--label-smoothing", "0.1"],
+    "recipe scratch": ["--recipe", "scratch"],
+}
+SETTINGS = {
+    "mini": (REPO / "data" / "flowers-mini", ["--image-size", "64", "--epochs", "15"]),
+    "flowers-20": (FLOWERS_20, ["--image-size", "128", "--batch-size", "64"]),
+}
+
+
+def run(data: Path, base: list[str], flags: list[str], seed: int, save_dir: Path) -> dict:
+    cmd = [*CNNKIT, "train", str(data), "--arch", "resnet18", "--weights", "none", "--seed", str(seed),
+           "--save-dir", str(save_dir), "--force", "--no-progress", *base,
+           *(flags if "--recipe" in flags else ["--recipe", "plain", *flags])]
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    done = subprocess.run([*CNNKIT, "evaluate", str(save_dir / "best.pt"), str(data), "--split", "test", "--json",
+                           "--no-progress"], check=True, capture_output=True, text=True, env=subprocess_env())
+    report = json.loads(done.stdout)
+    return {"val_best": max(r["val_acc"] for r in rows), "test_acc": report["accuracy"], "ece": report["ece"],
+            "epochs": len(rows), "seconds": round(seconds, 1)}
+
+
+def summary(values: list[float], percent: bool = True) -> str:
+    fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3f}")
+    return f"{fmt(statistics.mean(values))} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=sorted(SETTINGS), default="mini")
+    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--time-budget", default="15m", help="flowers-20: every run's --time-budget")
+    args = parser.parse_args()
+    data, base = SETTINGS[args.data]
+    if args.data == "flowers-20":
+        base = [*base, "--time-budget", args.time_budget]
+    results: dict = {"command": "python benchmarks/recipe_bench.py " + " ".join(sys.argv[1:]), "machine": machine(),
+                     "runs": {}}
+    output = REPO / "benchmarks" / "out" / f"recipe_bench_{args.data}.json"
+    with tempfile.TemporaryDirectory(prefix="cnnkit-recipes-") as tmp:
+        for seed in args.seeds:  # seeds outermost: a partial run still compares every recipe
+            for name in args.recipes:
+                row = run(data, base, RECIPES[name], seed, Path(tmp) / f"{name}-{seed}")
+                results["runs"].setdefault(name, {})[str(seed)] = row
+                print(f"{name} seed {seed}: {row}", file=sys.stderr, flush=True)
+                output.parent.mkdir(parents=True, exist_ok=True)
+                output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"`{results['command']}`; {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+          f"torch {results['machine']['torch']}\n")
+    print("| recipe | flags | validation accuracy, best epoch, % | test accuracy, % | test ECE | epochs | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.recipes:
+        rows = list(results["runs"][name].values())
+        print(f"| {name} | `{' '.join(RECIPES[name]) or '(none)'}` | {summary([r['val_best'] for r in rows])} | "
+              f"{summary([r['test_acc'] for r in rows])} | {summary([r['ece'] for r in rows], percent=False)} | "
+              f"{statistics.median(r['epochs'] for r in rows):.0f} | {statistics.median(r['seconds'] for r in rows):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
