@@ -20,12 +20,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from browser_helpers import start_chromium
 from deploy_helpers import http, multipart
 from image_steps import UPDATE_DOCS
 
@@ -86,36 +86,9 @@ def test_the_page_ships_in_the_package():
 # --- a real browser ---------------------------------------------------------------------------
 
 
-def _browser_paths() -> tuple[str, str]:
-    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        pytest.skip("no headless Chromium: apt-get install chromium chromium-driver (Debian) to run the browser test")
-    return browser, driver
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[deploy]')")
-    binary, driver_path = _browser_paths()
-    folder = tmp_path_factory.mktemp("chromium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in (
-        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,1250",
-        f"--user-data-dir={folder / 'profile'}", "--no-first-run", "--no-default-browser-check",
-        "--disable-extensions", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--disable-default-apps", "--metrics-recording-only", "--lang=en-US",
-        # nothing but the server under test can be reached
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:9",
-    ):
-        options.add_argument(argument)
-    service = webdriver.ChromeService(executable_path=driver_path, log_output=str(folder / "chromedriver.log"))
-    try:
-        driver = webdriver.Chrome(options=options, service=service)
-    except Exception as exc:  # a Chromium that cannot start here (no display libraries...)
-        pytest.skip(f"headless Chromium did not start: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-    driver.set_page_load_timeout(30)
+    driver = start_chromium(tmp_path_factory.mktemp("chromium"))
     yield driver
     driver.quit()
 
