@@ -268,7 +268,7 @@ def inspection_page(report: dict[str, Any]) -> str:
     counts = table(["class", *splits], ([label, *(s["classes"].get(label) for s in splits.values())]
                                        for label in labels), sortable=True, ident="counts")
     shapes = table(["split", "images", "imbalance", "width (min/median/max)", "height", "modes"], (
-        [name, s["images"], s["imbalance"], _spread(s["width"]), _spread(s["height"]),
+        [name, s["images"], f"{s['imbalance']:g}x" if s["imbalance"] else "-", _spread(s["width"]), _spread(s["height"]),
          ", ".join(f"{mode} {n}" for mode, n in s["modes"].items())] for name, s in splits.items()))
     sections.append(section("Images per split and class", counts, shapes))
     issues = [[name, "unreadable", path_text(u["path"]), u["error"]] for name, s in splits.items() for u in s["unreadable"]]
