@@ -31,7 +31,7 @@ body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1100px;
 h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 .sub { color: #666; margin-top: 0; word-break: break-all; }
 .cards { display: flex; flex-wrap: wrap; gap: 0.8em; }
-.card { border: 1px solid #ddd; border-radius: 8px; padding: 0.5em 1em; min-width: 8em; }
+.card { border: 1px solid #ddd; border-radius: 8px; padding: 0.4em 0.9em; min-width: 5.5em; }
 .card .value { font-size: 1.6em; font-weight: 600; } .card .label { color: #666; font-size: 0.85em; }
 table { border-collapse: collapse; margin: 0.5em 0; }
 th, td { border-bottom: 1px solid #eee; padding: 0.25em 0.7em; text-align: left; vertical-align: top; }
@@ -237,7 +237,7 @@ def evaluation_page(report: dict[str, Any], folder: str) -> str:
         sections.append(section(
             "Most confidently wrong", _figure(folder, "most_confident_wrong.png", "most confidently wrong, with heat maps"),
             table(["confidence", "true", "predicted", "file"],
-                  ([w["confidence"], names.get(w["true"], w["true"]), names.get(w["predicted"], w["predicted"]),
+                  ([f"{w['confidence']:.1%}", names.get(w["true"], w["true"]), names.get(w["predicted"], w["predicted"]),
                     path_text(w["path"])] for w in report["most_confident_wrong"]))))
     if report.get("unreadable"):
         sections.append(section("Unreadable files", table(

@@ -1,10 +1,8 @@
 """report.html (``evaluate --output``) and inspect.html (``inspect --output``): one self-contained
 file each, names from the data escaped, a policy that allows nothing but the page's own script and
 style; and, in a real headless Chromium (browser_helpers.py), shown with no console error, the
-headline figures on screen and the per-class table sorting when a header is clicked.
-
-With ``CNNKIT_UPDATE_DOCS=1`` the report's screenshot is written to ``docs/report-html.png``
-(otherwise to the test's temporary folder).
+headline figures on screen and the per-class table sorting when a header is clicked; the
+screenshots go to the tests' temporary folders.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -28,7 +25,6 @@ from cnnkit.html_report import THUMBNAIL, esc, evaluation_page, inspection_page,
 from browser_helpers import severe_console_entries, start_chromium
 from helpers import CLASSES, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 HOSTILE_NAME = "<script>alert(1)</script>"  # a category name (a folder name cannot hold the "/")
 HOSTILE_FOLDER = "<img src=x onerror=alert(1)>"  # a class folder name
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -231,8 +227,7 @@ def test_the_report_in_a_browser(browser, reports, tmp_path):
     headers[0].click()
     assert not severe_console_entries(browser)
 
-    docs = os.environ.get("CNNKIT_UPDATE_DOCS") == "1"
-    shot = ROOT / "docs" / "report-html.png" if docs else tmp_path / "report-html.png"
+    shot = tmp_path / "report-html.png"
     browser.save_screenshot(str(shot))
     assert shot.read_bytes().startswith(PNG)
 
