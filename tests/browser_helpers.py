@@ -1,11 +1,14 @@
 """A headless Chromium driven by selenium, for the tests that open a real page (the serve page,
-the HTML reports). Without Debian's ``chromium`` and ``chromium-driver``, or without selenium, the
+the HTML reports), and the check that such a page is self-contained. Without Debian's ``chromium`` and ``chromium-driver``, or without selenium, the
 caller's test skips and says why. Chromium runs with every host name but 127.0.0.1 unresolvable
 and a dead proxy, so a page cannot reach anything but a server under test.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -51,3 +54,26 @@ def start_chromium(folder: Path, window: str = "1000,1250") -> Any:
 def severe_console_entries(driver: Any) -> list[dict[str, Any]]:
     """The browser's SEVERE log entries (a CSP violation, a failed load, a script error)."""
     return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def csp_sources(policy: str) -> dict[str, list[str]]:
+    """A Content-Security-Policy as directive → its sources."""
+    return {name: values for name, *values in (d.split() for d in policy.split(";") if d.strip())}
+
+
+def assert_self_contained(html: str, policy: str) -> dict[str, list[str]]:
+    """Nothing in ``html`` from elsewhere (no URL with a scheme or a host, no external script, style,
+    font or image), and a ``policy`` of default-src 'none' that allows the page's one inline script
+    and one inline style by their hashes; returns the policy's directives."""
+    html = re.sub(r"data:image/[a-z]+;base64,[A-Za-z0-9+/=]+", "data:", html)  # base64 may hold "//"
+    assert not re.search(r"(https?:)?//[a-z0-9]", html, flags=re.I), re.search(r"(https?:)?//[a-z0-9].{0,40}", html)
+    assert not re.search(r"<(script|link|img|iframe)[^>]*\s(src|href)=\"(?!data:)", html, flags=re.I)
+    assert "@import" not in html and "url(" not in html
+    sources = csp_sources(policy)
+    assert sources["default-src"] == ["'none'"]
+    for tag, directive in (("script", "script-src"), ("style", "style-src")):
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        assert len(blocks) == 1
+        digest = base64.b64encode(hashlib.sha256(blocks[0].encode()).digest()).decode()
+        assert sources[directive] == [f"'sha256-{digest}'"]
+    return sources
