@@ -206,39 +206,34 @@ def _figure(folder: str, name: str, alt: str) -> Markup:
 def evaluation_page(report: dict[str, Any], folder: str) -> str:
     """report.html of ``evaluate --output``: ``report`` is report.json's dict, ``folder`` holds its PNGs."""
     names = {c["label"]: c["name"] for c in report["classes"]}
+
+    def name(label: str) -> str:
+        return names.get(label, label)
+
     k = report["top_k"]
     headline = [("accuracy", f"{report['accuracy']:.1%}"), (f"top-{k} accuracy", f"{report['top_k_accuracy']:.1%}"),
                 ("macro F1", f"{report['macro_avg']['f1']:.3f}"), ("weighted F1", f"{report['weighted_avg']['f1']:.3f}"),
                 ("ECE", f"{report['ece']:.4f}"), ("NLL", f"{report['nll']:.4f}"), ("images", str(report["images"]))]
     sections = [Markup(f'<div id="headline">{cards(headline)}</div>')]
     per_class = table(["class", "name", "precision", "recall", "F1", "support"],
-                      ([r["label"], names.get(r["label"], r["label"]), r["precision"], r["recall"], r["f1"],
-                        r["support"]] for r in report["per_class"]), sortable=True, ident="per-class")
+                      ([r["label"], name(r["label"]), r["precision"], r["recall"], r["f1"], r["support"]]
+                       for r in report["per_class"]), sortable=True, ident="per-class")
     averages = table(["average", "precision", "recall", "F1"],
                      ([avg.replace("_", " "), report[avg]["precision"], report[avg]["recall"], report[avg]["f1"]]
                       for avg in ("macro_avg", "weighted_avg")))
     sections.append(section("Per class", per_class, averages))
     sections.append(section("Confusion matrix", _figure(folder, "confusion_matrix.png", "confusion matrix")))
-    calibration = [_figure(folder, "reliability.png", "reliability diagram")]
-    if "calibration" in report:
-        c = report["calibration"]
-        calibration.append(table(["", "before", "after"], [
-            ["ECE", c["ece_before"], c["ece_after"]], ["NLL", c["nll_before"], c["nll_after"]],
-            ["temperature", report["temperature"], c["temperature"]]]))
-    if "abstain" in report:
-        calibration.append(table(["abstain", "value"], key_values(report["abstain"])))
-    sections.append(section("Calibration", *calibration))
+    sections.append(_calibration_section(report, folder))
     if report["most_confused"]:
         sections.append(section("Most confused pairs", table(
             ["true", "predicted", "images"],
-            ([names.get(c["true"], c["true"]), names.get(c["predicted"], c["predicted"]), c["count"]]
-             for c in report["most_confused"]))))
+            ([name(c["true"]), name(c["predicted"]), c["count"]] for c in report["most_confused"]))))
     if report["most_confident_wrong"]:
         sections.append(section(
             "Most confidently wrong", _figure(folder, "most_confident_wrong.png", "most confidently wrong, with heat maps"),
             table(["confidence", "true", "predicted", "file"],
-                  ([f"{w['confidence']:.1%}", names.get(w["true"], w["true"]), names.get(w["predicted"], w["predicted"]),
-                    path_text(w["path"])] for w in report["most_confident_wrong"]))))
+                  ([f"{w['confidence']:.1%}", name(w["true"]), name(w["predicted"]), path_text(w["path"])]
+                   for w in report["most_confident_wrong"]))))
     if report.get("unreadable"):
         sections.append(section("Unreadable files", table(
             ["file", "reason"], ([path_text(u["path"]), u["error"]] for u in report["unreadable"]))))
@@ -246,6 +241,19 @@ def evaluation_page(report: dict[str, Any], folder: str) -> str:
         if isinstance(value, dict) and key not in SHOWN_KEYS:
             sections.append(section(key.replace("_", " ").capitalize(), table(["figure", "value"], key_values(value))))
     return page("cnnkit evaluate", f"{report['arch']} ({report['checkpoint']}) on {report['data']}", sections)
+
+
+def _calibration_section(report: dict[str, Any], folder: str) -> Markup:
+    """The reliability diagram, with the fitted temperature and the abstain threshold when there are."""
+    parts = [_figure(folder, "reliability.png", "reliability diagram")]
+    if "calibration" in report:
+        c = report["calibration"]
+        parts.append(table(["", "before", "after"], [
+            ["ECE", c["ece_before"], c["ece_after"]], ["NLL", c["nll_before"], c["nll_after"]],
+            ["temperature", report["temperature"], c["temperature"]]]))
+    if "abstain" in report:
+        parts.append(table(["abstain", "value"], key_values(report["abstain"])))
+    return section("Calibration", *parts)
 
 
 # --- inspect's inspect.html ----------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A headless Chromium driven by selenium, for the tests that open a real page (the serve page,
-the HTML reports), and the check that such a page is self-contained. Without Debian's ``chromium`` and ``chromium-driver``, or without selenium, the
-caller's test skips and says why. Chromium runs with every host name but 127.0.0.1 unresolvable
-and a dead proxy, so a page cannot reach anything but a server under test.
+the HTML reports), and the check that such a page is self-contained. Without Debian's
+``chromium`` and ``chromium-driver``, or without selenium, the caller's test skips and says why. Chromium runs with every host name but 127.0.0.1
+unresolvable and a dead proxy, so a page cannot reach anything but a server under test.
 """
 
 from __future__ import annotations

@@ -85,6 +85,17 @@ def test_the_evaluation_page_embeds_its_pictures_and_every_figure(report_folder)
     assert "Unknown" in page and "combined.auroc" in page and 'data-value="0.91"' in page
 
 
+def test_calibration_and_the_abstain_threshold_have_their_own_tables(report_folder):
+    report, folder = report_folder
+    report["calibration"] = {"temperature": 1.7, "ece_before": 0.2, "ece_after": 0.05, "nll_before": 0.9,
+                             "nll_after": 0.7, "reliability_after": report["reliability"]}
+    report["abstain"] = {"threshold": 0.62, "target_coverage": 0.9, "coverage": 0.9, "accuracy_kept": 0.95}
+    page = evaluation_page(report, str(folder))
+    assert '<td>ECE</td><td class="num" data-value="0.2">0.2000</td><td class="num" data-value="0.05">' in page
+    assert '<td>threshold</td><td class="num" data-value="0.62">' in page
+    assert "Calibration</h2>" in page and page.count("<h2>Calibration</h2>") == 1 and "Abstain</h2>" not in page
+
+
 def test_a_figure_that_was_not_drawn_is_left_out(report_folder):
     report, folder = report_folder
     (folder / "most_confident_wrong.png").unlink()
