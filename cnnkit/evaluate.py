@@ -17,6 +17,7 @@ from typing import IO, TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from . import html_report
 from .models.checkpoint import load_checkpoint
 from .config import EvaluateConfig
 from .data.folders import ImageDataset, scan_image_folder
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ECE_BINS = 15
-REPORT_FILES = ("report.json", "confusion_matrix.csv", "predictions.csv")
+REPORT_FILES = ("report.json", "confusion_matrix.csv", "predictions.csv", "report.html")
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -383,8 +384,9 @@ def _store_calibration(cfg: EvaluateConfig, calibration: dict[str, Any]) -> str:
 def write_report(
     result: EvaluationResult, folder: str, names: dict[str, str], overlays: dict[str, Any] | None = None
 ) -> list[str]:
-    """report.json, confusion_matrix.csv, predictions.csv and the PNG pictures (the gallery with
-    the heat maps in ``overlays``, see :func:`gallery_heat_maps`); returns their paths."""
+    """report.json, confusion_matrix.csv, predictions.csv, the PNG pictures (the gallery with
+    the heat maps in ``overlays``, see :func:`gallery_heat_maps`) and report.html, all of them
+    in one page; returns their paths."""
     report = result.report
     classes = [c["label"] for c in report["classes"]]
     written = []
@@ -420,6 +422,7 @@ def write_report(
                               overlays=overlays)
     except OSError as exc:
         raise OutputError(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
+    html_report.write_page(path("report.html"), html_report.evaluation_page(report, folder))
     return written
 
 

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from . import html_report
 from .config import InspectConfig
 from .data.folders import walk_images
 from .data.transforms import load_image
@@ -40,7 +41,7 @@ SPLIT_FOLDERS = {"train": ("train",), "valid": ("valid", "val", "validation"), "
 WHOLE = "all"  # the split name of a DATA_DIR that is itself a folder of class folders
 TINY_SIDE = 32  # pixels: an image with a shorter side is reported as tiny
 MAX_ASPECT = 4.0  # long side / short side above this is reported as extreme
-REPORT_FILES = ("inspect.json", "pairs.csv")
+REPORT_FILES = ("inspect.json", "pairs.csv", "inspect.html")
 SHOWN = 10  # rows per list in the terminal summary (all are in --json and --output)
 
 
@@ -225,8 +226,9 @@ def _spread(values: list[int]) -> dict[str, float] | None:
 
 
 def write_report(report: dict[str, Any], folder: str) -> list[str]:
-    """inspect.json (the whole report) and pairs.csv (one duplicate pair a row); their paths."""
-    json_path, csv_path = (os.path.join(folder, name) for name in REPORT_FILES)
+    """inspect.json (the whole report), pairs.csv (one duplicate pair a row) and inspect.html (a
+    page of both, with thumbnails of the pairs); their paths."""
+    json_path, csv_path, html_path = (os.path.join(folder, name) for name in REPORT_FILES)
     try:
         # surrogateescape: a file name that is not UTF-8 is written as its own bytes, as predict does
         with open(json_path, "w", encoding="utf-8", errors="surrogateescape") as handle:
@@ -240,7 +242,7 @@ def write_report(report: dict[str, Any], folder: str) -> list[str]:
                                  *p["a"].values(), *p["b"].values()])
     except OSError as exc:
         raise OutputError(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
-    return [json_path, csv_path]
+    return [json_path, csv_path, html_report.write_page(html_path, html_report.inspection_page(report))]
 
 
 def format_summary(report: dict[str, Any]) -> str:

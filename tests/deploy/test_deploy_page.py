@@ -18,14 +18,13 @@ The screenshot goes to the test's temporary folder; with ``CNNKIT_UPDATE_DOCS=1`
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from browser_helpers import assert_self_contained, start_chromium
 from deploy_helpers import http, multipart
 from image_steps import UPDATE_DOCS
 
@@ -42,27 +41,15 @@ def server(container):
 # --- the page itself ------------------------------------------------------------------------
 
 
-def _csp_sources(policy: str) -> dict[str, list[str]]:
-    return {name: values for name, *values in (d.split() for d in policy.split(";") if d.strip())}
-
-
 def test_the_page_is_one_self_contained_file_with_a_policy_that_enforces_it(server):
     answer = http(server.base, "GET", "/")
     assert answer.status == 200 and answer.headers["Content-Type"] == "text/html; charset=utf-8"
     assert re.fullmatch(r"sha256:[0-9a-f]{16}", answer.headers["X-Model-Version"])
     html = answer.text
-    # nothing from elsewhere: no URL with a scheme or a host, no external script/style/font/image
-    assert not re.search(r"(https?:)?//[a-z0-9]", html, flags=re.I), re.search(r"(https?:)?//[a-z0-9].{0,40}", html)
-    assert not re.search(r"<(script|link|img|iframe)[^>]*\s(src|href)=\"(?!data:)", html, flags=re.I)
-    assert "@import" not in html and "url(" not in html
-    # the policy allows the page's own inline script and style (by hash) and this server, nothing else
-    policy = _csp_sources(answer.headers["Content-Security-Policy"])
-    assert policy["default-src"] == ["'none'"] and policy["connect-src"] == ["'self'"]
-    for tag, directive in (("script", "script-src"), ("style", "style-src")):
-        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
-        assert len(blocks) == 1
-        digest = base64.b64encode(hashlib.sha256(blocks[0].encode()).digest()).decode()
-        assert policy[directive] == [f"'sha256-{digest}'"]
+    # nothing from elsewhere; the policy allows the page's own inline script and style (by hash)
+    # and this server, nothing else
+    policy = assert_self_contained(html, answer.headers["Content-Security-Policy"])
+    assert policy["connect-src"] == ["'self'"]
     assert answer.headers["X-Content-Type-Options"] == "nosniff"
     # keyboard and phone basics: a real file input with a label, a viewport, live regions
     assert '<input id="files" type="file" accept="image/*" multiple>' in html and '<label id="drop" for="files">' in html
@@ -86,36 +73,9 @@ def test_the_page_ships_in_the_package():
 # --- a real browser ---------------------------------------------------------------------------
 
 
-def _browser_paths() -> tuple[str, str]:
-    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        pytest.skip("no headless Chromium: apt-get install chromium chromium-driver (Debian) to run the browser test")
-    return browser, driver
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[deploy]')")
-    binary, driver_path = _browser_paths()
-    folder = tmp_path_factory.mktemp("chromium")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in (
-        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1000,1250",
-        f"--user-data-dir={folder / 'profile'}", "--no-first-run", "--no-default-browser-check",
-        "--disable-extensions", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--disable-default-apps", "--metrics-recording-only", "--lang=en-US",
-        # nothing but the server under test can be reached
-        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:9",
-    ):
-        options.add_argument(argument)
-    service = webdriver.ChromeService(executable_path=driver_path, log_output=str(folder / "chromedriver.log"))
-    try:
-        driver = webdriver.Chrome(options=options, service=service)
-    except Exception as exc:  # a Chromium that cannot start here (no display libraries...)
-        pytest.skip(f"headless Chromium did not start: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-    driver.set_page_load_timeout(30)
+    driver = start_chromium(tmp_path_factory.mktemp("chromium"))
     yield driver
     driver.quit()
 
