@@ -163,22 +163,16 @@ def test_lr_find_takes_the_recipe_options(image_folder, tmp_path):
     assert len(result.losses) == 10 and all(torch.isfinite(torch.tensor(result.losses)))
 
 
-@pytest.mark.parametrize("weights", ["none", "file"])
-def test_the_default_recipe_is_scratch_from_scratch_and_transfer_from_pretrained_weights(image_folder, tmp_path, caplog,
-                                                                                        weights):
-    from cnnkit.config import RECIPES
+@pytest.mark.parametrize("recipe", [None, "scratch", "transfer"])
+def test_a_recipe_fills_the_fields_the_flags_leave_unset_and_is_logged(image_folder, tmp_path, caplog, recipe):
+    from cnnkit.config import DEFAULT_RECIPE, RECIPES
 
-    if weights == "file":
-        from torchvision.models import resnet18
-
-        weights = str(tmp_path / "backbone.pth")
-        torch.save(resnet18().state_dict(), weights)
     caplog.set_level("INFO", logger="cnnkit")
-    cfg = tiny_train_config(image_folder, tmp_path / "run", recipe=None, weights=weights, epochs=1, label_smoothing=0.05)
+    cfg = tiny_train_config(image_folder, tmp_path / "run", recipe=recipe, epochs=1, label_smoothing=0.05)
     train(cfg)
     saved = TrainConfig.from_dict(load_checkpoint(tmp_path / "run" / "best.pt").train_config)
-    name = "scratch" if weights == "none" else "transfer"
-    assert saved.recipe == name and f"recipe {name} (the default for" in caplog.text
+    name = recipe or DEFAULT_RECIPE
+    assert saved.recipe == name and f"recipe {name} (" in caplog.text
     assert saved.label_smoothing == 0.05  # a flag overrides the recipe's field...
     assert all(getattr(saved, k) == v for k, v in RECIPES[name].items() if k != "label_smoothing")  # ...and no other
 

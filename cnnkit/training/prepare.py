@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..config import BUDGET_EPOCHS, DEFAULT_EPOCHS, PreprocessConfig, TrainConfig
+from ..config import BUDGET_EPOCHS, DEFAULT_EPOCHS, DEFAULT_RECIPE, PreprocessConfig, TrainConfig
 from ..data.folders import Splits, load_category_names, load_splits
 from ..data.transforms import resolve_preprocess
 from ..distributed import DistContext
@@ -251,9 +251,9 @@ def describe(run: Run) -> None:
 def recipe_reason(cfg: TrainConfig) -> str:
     if cfg.resume:
         return "the resumed run's"
-    if cfg.recipe != ("transfer" if cfg.pretrained else "scratch"):
+    if cfg.recipe != DEFAULT_RECIPE:
         return "--recipe"
-    return "the default for pretrained weights" if cfg.pretrained else "the default for --weights none"
+    return "the default: the best measured on the README demo so far; --recipe scratch or transfer for the stronger ones"
 
 
 def recipe_settings(cfg: TrainConfig) -> list[str]:
