@@ -50,6 +50,8 @@ class Checkpoint:
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature, abstain threshold
     # Validation-set statistics for drift monitoring (cnnkit.drift): plain lists and floats.
     reference_stats: dict[str, Any] | None = None
+    # Training-set feature statistics for unknown detection (cnnkit.models.openset): floats and tensors.
+    open_set: dict[str, Any] | None = None
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -100,6 +102,7 @@ class Checkpoint:
             "training_state": self.training_state,
             "calibration": dict(self.calibration),
             "reference_stats": self.reference_stats,
+            "open_set": self.open_set,
             "weights_sha256": weights_digest(self.state_dict),
         }
 
@@ -129,6 +132,7 @@ class Checkpoint:
                 training_state=payload.get("training_state"),
                 calibration=dict(payload.get("calibration") or {}),
                 reference_stats=payload.get("reference_stats"),
+                open_set=payload.get("open_set"),
             )
             ckpt._check_types(payload)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -299,6 +303,7 @@ def description_fields(ckpt: Checkpoint, path: str | os.PathLike[str]) -> dict[s
         "versions": ckpt.versions,
         "calibration": dict(ckpt.calibration),
         "drift_reference": bool(ckpt.reference_stats),
+        "open_set": bool(ckpt.open_set),
     }
 
 
@@ -334,6 +339,7 @@ def format_description(meta: dict[str, Any]) -> str:
         lines.append("calibration  " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" if isinstance(v, float) else
                                                  f"{k.replace('_', ' ')} {v}" for k, v in calibration.items()))
     lines.append(f"drift ref    {'stored (cnnkit serve reports drift)' if meta.get('drift_reference') else 'none'}")
+    lines.append(f"open set     {'stored (feature statistics for --abstain and evaluate --unknown)' if meta.get('open_set') else 'none'}")
     quantization = meta.get("quantization")
     if quantization:
         gate = quantization["gate"]
