@@ -104,7 +104,7 @@ class ModelService:
     def _score(self, batch: torch.Tensor, model: ServedModel | None) -> torch.Tensor:
         if self.slow:
             time.sleep(self.slow)
-        return (model or self.model).score(batch)
+        return (model or self.model).score(batch, with_known=True)
 
     def _on_batch(self, size: int, seconds: float, model: ServedModel | None) -> None:
         model = model or self.model
@@ -173,12 +173,13 @@ class ModelService:
                 batch = self.prepare(blobs, model)
                 job = ticket.submit(batch, fault, model)
             try:
-                probs = self.batcher.wait(job, self.cfg.timeout - (time.perf_counter() - started))
+                scored = self.batcher.wait(job, self.cfg.timeout - (time.perf_counter() - started))
             except HttpError as exc:
                 if exc.status == 503:  # timed out (or stopping): when to come back
                     exc.headers.setdefault("Retry-After", str(self.admission.retry_after()))
                 raise
-        answer = self.respond(blobs, batch, probs, top_k, started, model, role)
+        probs, unknown = model.unknown_flags(scored)
+        answer = self.respond(blobs, batch, probs, top_k, started, model, role, unknown)
         if shadow is not None:
             self.shadow.offer(shadow, model, blobs, batch, probs.argmax(dim=1).tolist())
             self.batcher.nudge()
@@ -200,7 +201,8 @@ class ModelService:
         return torch.stack(tensors)
 
     def respond(self, blobs: Sequence[tuple[str | None, bytes]], batch: torch.Tensor, probs: torch.Tensor,
-                top_k: int, started: float, model: ServedModel | None = None, role: str = PRIMARY) -> dict[str, Any]:
+                top_k: int, started: float, model: ServedModel | None = None, role: str = PRIMARY,
+                unknown: list[bool] | None = None) -> dict[str, Any]:
         model = model or self.model
         predictor = model.predictor
         k = min(top_k, len(predictor.classes))
@@ -215,6 +217,8 @@ class ModelService:
                 {"label": classes[i], "name": names.get(classes[i], classes[i]), "probability": round(p, 6)}
                 for p, i in zip(row_p, row_i)
             ]
+            if unknown is not None:
+                item["unknown"] = unknown[index]
             results.append(item)
         self._observe(model, role, batch, values[:, 0], indices[:, 0])
         return {
