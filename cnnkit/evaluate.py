@@ -323,13 +323,12 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         report["abstain"] = abstain_threshold(confidence, predicted == y, cfg.target_coverage)
         calibration.update({"abstain_threshold": report["abstain"]["threshold"],
                             "target_coverage": cfg.target_coverage})
-        if known is not None:  # the combined score's threshold; the confidence one stays for exports
-            report["abstain"] = {**abstain_threshold(known, predicted == y, cfg.target_coverage), "score": "combined",
-                                 "confidence_threshold": report["abstain"]["threshold"]}
-            calibration["unknown_threshold"] = report["abstain"]["threshold"]
-        if unknown is not None:
-            rejected = unknown["known"] if known is not None else unknown["confidence"]
-            report["abstain"]["unknown_rejected"] = float((rejected < report["abstain"]["threshold"]).mean())
+        if known is not None:  # what --abstain uses; the confidence threshold stays for exports
+            report["abstain_combined"] = abstain_threshold(known, predicted == y, cfg.target_coverage)
+            calibration["unknown_threshold"] = report["abstain_combined"]["threshold"]
+        for key, score in (("abstain", "confidence"), ("abstain_combined", "known")):
+            if unknown is not None and key in report:
+                report[key]["unknown_rejected"] = float((unknown[score] < report[key]["threshold"]).mean())
 
     predictions = [
         {
@@ -528,12 +527,14 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"unknown images ({u['images']} in {u['data']}) told from these:   AUROC   FPR at 95% TPR"]
         lines += [f"  {score:<10} {u[score]['auroc']:6.3f}   {u[score]['fpr_at_95_tpr']:6.1%}"
                   for score in ("confidence", "distance", "combined") if score in u]
-    if "abstain" in report:
-        a = report["abstain"]
-        score = "the combined open-set score" if a.get("score") == "combined" else "confidence"
-        lines += ["", f"abstain below {score} {a['threshold']:.3f}: keeps {a['coverage']:.1%} of images "
+    for key, score in (("abstain", "confidence"), ("abstain_combined", "the combined open-set score")):
+        if key in report:
+            a = report[key]
+            lines += ["", f"abstain below {score} {a['threshold']:.3f}: keeps {a['coverage']:.1%} of images "
                       f"(target {a['target_coverage']:.0%}), accuracy on those {a['accuracy_kept']:.1%}"
                       + (f"; rejects {a['unknown_rejected']:.1%} of the unknown images" if "unknown_rejected" in a else "")]
+    if "abstain_combined" in report:
+        lines.append("predict --abstain and serve use the combined score (an ONNX export: confidence)")
     if report.get("calibrated_checkpoint"):
         lines.append(f"stored in {report['calibrated_checkpoint']}")
     return "\n".join(lines)

@@ -158,10 +158,10 @@ def test_evaluate_unknown_reports_auroc_and_predict_abstains_on_the_combined_sco
     assert set(found) >= {"confidence", "distance", "combined"}
     assert found["combined"]["auroc"] >= 0.9 and 0 <= found["combined"]["fpr_at_95_tpr"] <= 1
     assert json.loads((root / "report" / "report.json").read_text())["unknown"]["combined"] == found["combined"]
-    assert report["abstain"]["score"] == "combined" and report["abstain"]["unknown_rejected"] == 1.0
+    assert report["abstain_combined"]["unknown_rejected"] == 1.0
     calibrated = load_checkpoint(root / "run" / "best.calibrated.pt")
-    assert calibrated.calibration["unknown_threshold"] == pytest.approx(report["abstain"]["threshold"])
-    assert calibrated.calibration["abstain_threshold"] == pytest.approx(report["abstain"]["confidence_threshold"])
+    assert calibrated.calibration["unknown_threshold"] == pytest.approx(report["abstain_combined"]["threshold"])
+    assert calibrated.calibration["abstain_threshold"] == pytest.approx(report["abstain"]["threshold"])
 
     result = run_cli(["predict", unknown / "stripes_0.png", data / "valid", "-c", root / "run" / "best.calibrated.pt",
                       "--abstain", "--format", "jsonl", "--device", "cpu", "--no-progress"], cli_env)

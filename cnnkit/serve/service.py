@@ -178,10 +178,9 @@ class ModelService:
                 if exc.status == 503:  # timed out (or stopping): when to come back
                     exc.headers.setdefault("Retry-After", str(self.admission.retry_after()))
                 raise
-        probs, unknown = model.unknown_flags(scored)
-        answer = self.respond(blobs, batch, probs, top_k, started, model, role, unknown)
+        answer = self.respond(blobs, batch, scored, top_k, started, model, role)
         if shadow is not None:
-            self.shadow.offer(shadow, model, blobs, batch, probs.argmax(dim=1).tolist())
+            self.shadow.offer(shadow, model, blobs, batch, model.unknown_flags(scored)[0].argmax(dim=1).tolist())
             self.batcher.nudge()
         return answer
 
@@ -201,24 +200,22 @@ class ModelService:
         return torch.stack(tensors)
 
     def respond(self, blobs: Sequence[tuple[str | None, bytes]], batch: torch.Tensor, probs: torch.Tensor,
-                top_k: int, started: float, model: ServedModel | None = None, role: str = PRIMARY,
-                unknown: list[bool] | None = None) -> dict[str, Any]:
+                top_k: int, started: float, model: ServedModel | None = None, role: str = PRIMARY) -> dict[str, Any]:
         model = model or self.model
+        probs, unknown = model.unknown_flags(probs)  # (the known score's column, where the model has one)
         predictor = model.predictor
         k = min(top_k, len(predictor.classes))
         values, indices = probs.topk(k, dim=1)
         classes, names = predictor.classes, predictor.names
         results = []
         for index, ((name, _), row_p, row_i) in enumerate(zip(blobs, values.tolist(), indices.tolist())):
-            item: dict[str, Any] = {"index": index}
+            item: dict[str, Any] = {"index": index} if unknown is None else {"index": index, "unknown": unknown[index]}
             if name is not None:
                 item["filename"] = name
             item["predictions"] = [
                 {"label": classes[i], "name": names.get(classes[i], classes[i]), "probability": round(p, 6)}
                 for p, i in zip(row_p, row_i)
             ]
-            if unknown is not None:
-                item["unknown"] = unknown[index]
             results.append(item)
         self._observe(model, role, batch, values[:, 0], indices[:, 0])
         return {
