@@ -192,16 +192,11 @@ class Predictor:
             yield path, probs, error
 
     def score_paths_with_distance(
-        self,
-        paths: Sequence[str],
-        batch_size: int | None = None,
-        workers: int | None = None,
-        progress: bool = False,
-        calibrated: bool = True,
-        distances: bool = True,
+        self, paths: Sequence[str], batch_size: int | None = None, workers: int | None = None, progress: bool = False,
+        calibrated: bool = True, distances: bool = True,
     ) -> Iterator[tuple[str, torch.Tensor | None, float | None, str | None]]:
-        """As :meth:`score_paths`, with each image's open-set feature distance (None without
-        open-set statistics, or when ``distances`` is False) before the error."""
+        """:meth:`score_paths`' rows, each with the image's open-set feature distance (None
+        without open-set statistics, or when ``distances`` is False) before the error."""
         batch_size, workers = scoring_defaults(self.device, batch_size, workers)
         n_batches = math.ceil(len(paths) / batch_size)
         workers = min(workers, n_batches if n_batches > 1 else 0)
