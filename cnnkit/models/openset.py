@@ -12,7 +12,7 @@ standardised (mean and standard deviation on the validation images) and the scor
 fail differently (confidence is high for a confidently-wrong image of an unseen class; the
 distance is large for an unusual but correctly classified image), and a sum of z-scores needs no
 fitting on unknown images, which a user rarely has. On flowers-20 with 5 held-out classes the sum
-beat either signal alone (benchmarks/RESULTS.md).
+had a higher AUROC than either signal alone (0.703, against 0.639 and 0.692; benchmarks/RESULTS.md).
 
 Everything is a plain dict of floats and float32 tensors, so a checkpoint still loads with
 ``weights_only=True``; :func:`open_set_to_json` / :func:`open_set_from_json` carry it in an
