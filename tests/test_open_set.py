@@ -112,6 +112,16 @@ def _info(path: Path) -> dict:
     return describe(path)
 
 
+def test_statistics_that_are_not_a_dict_make_a_damaged_checkpoint(trained, tmp_path):
+    from cnnkit.errors import CheckpointError
+
+    payload = torch.load(trained.best, weights_only=True)
+    payload["open_set"] = torch.zeros(3)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="open_set must be a dict"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
 def test_damaged_statistics_are_ignored_with_a_warning(caplog):
     assert check_open_set({"version": 1, "means": torch.zeros(3, 4), "precision_factor": torch.eye(5)}, 3) is None
     assert check_open_set({"version": 99}, 3) is None

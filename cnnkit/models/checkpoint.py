@@ -155,6 +155,8 @@ class Checkpoint:
             raise TypeError("state_dict holds values that are not tensors")
         if not all(isinstance(c, str) for c in self.classes) or len(self.classes) != self.head.num_classes:
             raise ValueError(f"{len(self.classes)} classes for a head of {self.head.num_classes} outputs")
+        if self.open_set is not None and not isinstance(self.open_set, Mapping):
+            raise TypeError("open_set must be a dict of statistics")
         if not 0 < self.temperature < float("inf"):
             raise ValueError(f"temperature {self.temperature} is not a positive number")
 
