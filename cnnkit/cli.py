@@ -340,7 +340,8 @@ def info(checkpoint: str, as_json: bool) -> None:
 @names_option
 @click.option("--ignore-unknown", is_flag=True, help="Skip class folders the checkpoint does not know, and allow missing ones.")
 @click.option("--calibrate", is_flag=True, help="Fit a softmax temperature on these (validation) images and store it, so predict reports calibrated probabilities.")
-@click.option("--target-coverage", type=float, default=None, help="Pick and store the confidence threshold that keeps this share of images (predict --abstain uses it).")
+@click.option("--target-coverage", type=float, default=None, help="Pick and store the threshold that keeps this share of images (predict --abstain uses it): on the combined confidence + feature-distance score when the checkpoint has open-set statistics, else on confidence.")
+@click.option("--unknown", type=click.Path(), default=None, help="A folder of images of classes the model never saw: report how well confidence, and the combined score, tell them from DATA_DIR's (AUROC, FPR at 95% TPR).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Folder for report.json, confusion_matrix.csv, predictions.csv and PNG pictures.")
 @tta_option
 @click.option("--worst", type=int, default=12, show_default=True, help="How many of the most confidently wrong images to list and show.")
@@ -361,6 +362,7 @@ def evaluate(gpu: bool, device: str, progress: bool | None, as_json: bool, **opt
     Examples:
       cnnkit evaluate checkpoints/best.pt data/flowers-mini --output report/
       cnnkit evaluate checkpoints/best.pt data/flowers-mini --split valid --calibrate --target-coverage 0.9
+      cnnkit evaluate checkpoints/best.pt data/flowers-mini --unknown data/other-things
     """
     from .evaluate import evaluate as run_evaluation, format_report
 

@@ -357,6 +357,7 @@ class EvaluateConfig(Serializable):
     ignore_unknown: bool = False
     calibrate: bool = False
     target_coverage: float | None = None
+    unknown: str | None = None  # a folder of images of classes the model never saw: AUROC, FPR@95
     output: str | None = None
     worst: int = 12
     force: bool = False
@@ -376,6 +377,7 @@ class EvaluateConfig(Serializable):
             f"--target-coverage must be in (0, 1], got {self.target_coverage}",
         )
         _check(self.worst >= 0, f"--worst must be 0 or more, got {self.worst}")
+        _check(self.unknown is None or bool(self.unknown), "--unknown needs a folder of images of classes the model never saw")
         _check_common(self.batch_size, self.workers, self.device)
 
 

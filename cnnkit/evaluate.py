@@ -20,9 +20,10 @@ import numpy as np
 from . import html_report
 from .models.checkpoint import load_checkpoint
 from .config import EvaluateConfig
-from .data.folders import ImageDataset, scan_image_folder
+from .data.folders import ImageDataset, expand_inputs, scan_image_folder
 from .data.transforms import model_view
 from .errors import ConfigError, DataError, OutputError
+from .models.openset import OpenSetScorer, standardise
 from .runtime import prepare_output_dir
 
 if TYPE_CHECKING:
@@ -138,6 +139,30 @@ def abstain_threshold(confidence: np.ndarray, correct: np.ndarray, target_covera
         "coverage": float(kept.mean()),
         "accuracy_kept": float(correct[kept].mean()),
     }
+
+
+def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
+    """Area under the ROC curve of telling known (positive) from unknown images by a score that
+    is higher for known ones: P(known > unknown), ties counting half (Mann-Whitney U)."""
+    scores = np.concatenate([known, unknown]).astype(np.float64)
+    order = np.argsort(scores, kind="mergesort")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # 1-based, ties get their mean rank
+    n_known = len(known)
+    return float((ranks[:n_known].sum() - n_known * (n_known + 1) / 2) / (n_known * len(unknown)))
+
+
+def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> float:
+    """The share of unknown images accepted at the threshold that keeps ``tpr`` of the known ones
+    (the threshold as :func:`abstain_threshold` picks it)."""
+    order = np.sort(known)[::-1]
+    threshold = order[max(1, math.ceil(tpr * len(order) - 1e-9)) - 1]
+    return float((unknown >= threshold).mean())
+
+
+def separation(known: np.ndarray, unknown: np.ndarray) -> dict[str, float]:
+    return {"auroc": auroc(known, unknown), "fpr_at_95_tpr": fpr_at_tpr(known, unknown)}
 
 
 def most_confused(matrix: np.ndarray, classes: Sequence[str], limit: int = 5) -> list[dict[str, Any]]:
@@ -263,20 +288,12 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     if not samples:
         raise DataError(f"no images of the checkpoint's classes in {folder}")
 
-    paths, targets, rows, unreadable = [p for p, _ in samples], [], [], []
     target_of = dict(samples)
-    for path, probs, error in predictor.score_paths(paths, cfg.batch_size, cfg.workers, cfg.progress, calibrated=False):
-        if error is not None:
-            unreadable.append({"path": path, "error": error})
-            log.warning("cannot score %s: %s", path, error)
-            continue
-        rows.append((path, probs.numpy()))
-        targets.append(target_of[path])
+    rows, unreadable, distance = _score(predictor, cfg, [p for p, _ in samples])
     if not rows:
         raise DataError(f"none of the images in {folder} could be read")
-    y = np.asarray(targets)
-    raw = np.stack([p for _, p in rows]).astype(np.float64)
-    log_probs = np.log(np.clip(raw, 1e-30, None))
+    y = np.asarray([target_of[path] for path, _ in rows])
+    log_probs = np.log(np.clip(np.stack([p for _, p in rows]).astype(np.float64), 1e-30, None))
     stored_t = ckpt.temperature
     probs = softmax_with_temperature(log_probs, stored_t)
 
@@ -307,10 +324,21 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
         }
         calibration.update({"temperature": temperature, "fitted_on": folder, "images": len(y)})
     confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+    open_set = _open_set_for(predictor, cfg, confidence, distance)
+    known = open_set.known_scores(confidence, distance) if open_set is not None else None
+    unknown = _unknown_scores(predictor, cfg, calibration.get("temperature", stored_t), open_set) if cfg.unknown else None
+    if unknown is not None:
+        report["unknown"] = _unknown_report(unknown, confidence, distance, known, cfg.unknown)
     if cfg.target_coverage is not None:
         report["abstain"] = abstain_threshold(confidence, predicted == y, cfg.target_coverage)
         calibration.update({"abstain_threshold": report["abstain"]["threshold"],
                             "target_coverage": cfg.target_coverage})
+        if known is not None:  # what --abstain uses; the confidence threshold stays for exports
+            report["abstain_combined"] = abstain_threshold(known, predicted == y, cfg.target_coverage)
+            calibration["unknown_threshold"] = report["abstain_combined"]["threshold"]
+        for key, score in (("abstain", "confidence"), ("abstain_combined", "known")):
+            if unknown is not None and key in report:
+                report[key]["unknown_rejected"] = float((unknown[score] < report[key]["threshold"]).mean())
 
     predictions = [
         {
@@ -327,7 +355,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     result = EvaluationResult(report, predictions)
 
     if cfg.calibrate or cfg.target_coverage is not None:
-        result.calibrated_checkpoint = _store_calibration(cfg, calibration)
+        result.calibrated_checkpoint = _store_calibration(cfg, calibration, open_set.stats if open_set else None)
         report["calibrated_checkpoint"] = result.calibrated_checkpoint
     if cfg.output:
         overlays = gallery_heat_maps(predictor, report["most_confident_wrong"])
@@ -361,18 +389,76 @@ def gallery_heat_maps(predictor: Predictor, wrong: Sequence[dict[str, Any]]) -> 
     return overlays
 
 
+def _score(predictor: Any, cfg: EvaluateConfig,
+           paths: Sequence[str]) -> tuple[list[tuple[str, np.ndarray]], list[dict[str, str]], np.ndarray | None]:
+    """``([(path, uncalibrated probabilities)], unreadable, feature distances or None)``."""
+    rows, unreadable, distances = [], [], []
+    for path, probs, distance, error in predictor.score_paths_with_distance(
+            paths, cfg.batch_size, cfg.workers, cfg.progress, calibrated=False):
+        if error is not None:
+            unreadable.append({"path": path, "error": error})
+            log.warning("cannot score %s: %s", path, error)
+            continue
+        rows.append((path, probs.numpy()))
+        distances.append(distance)
+    return rows, unreadable, np.asarray(distances) if predictor.open_set is not None else None
+
+
+def _open_set_for(predictor: Any, cfg: EvaluateConfig, confidence: np.ndarray,
+                  distance: np.ndarray | None) -> OpenSetScorer | None:
+    """The combined score's scorer, None without open-set statistics. When evaluate stores a
+    calibration, the z-scores are re-fitted on these (validation) images at its temperature:
+    the stored ones were fitted at training's temperature of 1."""
+    if predictor.open_set is None:
+        if cfg.unknown and predictor.checkpoint.open_set is not None:
+            log.warning("the feature score needs the checkpoint (.pt), not an export: confidence alone is measured")
+        return None
+    if not (cfg.calibrate or cfg.target_coverage is not None):
+        return predictor.open_set
+    return OpenSetScorer({**predictor.open_set.stats, "confidence": standardise(confidence),
+                          "distance": standardise(distance)})
+
+
+def _unknown_scores(predictor: Any, cfg: EvaluateConfig, temperature: float,
+                    open_set: OpenSetScorer | None) -> dict[str, Any]:
+    """Confidence, feature distance and combined score of the ``--unknown`` images."""
+    if not os.path.isdir(cfg.unknown):
+        raise DataError(f"--unknown {cfg.unknown}: not found or not a folder")
+    rows, unreadable, distance = _score(predictor, cfg, list(expand_inputs([cfg.unknown])))
+    if not rows:
+        raise DataError(f"--unknown {cfg.unknown}: no readable images")
+    log_probs = np.log(np.clip(np.stack([p for _, p in rows]).astype(np.float64), 1e-30, None))
+    confidence = softmax_with_temperature(log_probs, temperature).max(axis=1)
+    return {"images": len(rows), "unreadable": unreadable, "confidence": confidence, "distance": distance,
+            "known": open_set.known_scores(confidence, distance) if open_set is not None else None}
+
+
+def _unknown_report(unknown: dict[str, Any], confidence: np.ndarray, distance: np.ndarray | None,
+                    known: np.ndarray | None, folder: str) -> dict[str, Any]:
+    """How well each score tells the evaluated images (known) from ``--unknown``'s."""
+    report: dict[str, Any] = {"data": folder, "images": unknown["images"], "unreadable": unknown["unreadable"],
+                              "confidence": separation(confidence, unknown["confidence"])}
+    if known is not None:
+        report["distance"] = separation(-distance, -unknown["distance"])  # (nearer: more known)
+        report["combined"] = separation(known, unknown["known"])
+    return report
+
+
 def calibrated_path(checkpoint: str) -> str:
     stem, ext = os.path.splitext(checkpoint)
     return f"{stem}.calibrated{ext or '.pt'}"
 
 
-def _store_calibration(cfg: EvaluateConfig, calibration: dict[str, Any]) -> str:
-    """Write the calibration into a new checkpoint file, or into CKPT itself with --force."""
+def _store_calibration(cfg: EvaluateConfig, calibration: dict[str, Any], open_set: dict[str, Any] | None) -> str:
+    """Write the calibration (and the open-set statistics standardised with it) into a new
+    checkpoint file, or into CKPT itself with --force."""
     target = cfg.checkpoint if cfg.force else calibrated_path(cfg.checkpoint)
     if not cfg.force and os.path.exists(target):
         raise OutputError(f"{target} exists; remove it, or use --force to store the calibration in {cfg.checkpoint}")
     ckpt = load_checkpoint(cfg.checkpoint)
     ckpt.calibration = calibration
+    if open_set is not None:
+        ckpt.open_set = open_set
     ckpt.save(target)
     log.info("calibration stored in %s", target)
     return target
@@ -469,10 +555,19 @@ def format_report(report: dict[str, Any]) -> str:
         c = report["calibration"]
         lines += ["", f"calibration: temperature {c['temperature']:.3f}; ECE {c['ece_before']:.4f} -> "
                       f"{c['ece_after']:.4f}; NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}"]
-    if "abstain" in report:
-        a = report["abstain"]
-        lines += ["", f"abstain below confidence {a['threshold']:.3f}: keeps {a['coverage']:.1%} of images "
-                      f"(target {a['target_coverage']:.0%}), accuracy on those {a['accuracy_kept']:.1%}"]
+    if "unknown" in report:
+        u = report["unknown"]
+        lines += ["", f"unknown images ({u['images']} in {u['data']}) told from these:   AUROC   FPR at 95% TPR"]
+        lines += [f"  {score:<10} {u[score]['auroc']:6.3f}   {u[score]['fpr_at_95_tpr']:6.1%}"
+                  for score in ("confidence", "distance", "combined") if score in u]
+    for key, score in (("abstain", "confidence"), ("abstain_combined", "the combined open-set score")):
+        if key in report:
+            a = report[key]
+            lines += ["", f"abstain below {score} {a['threshold']:.3f}: keeps {a['coverage']:.1%} of images "
+                      f"(target {a['target_coverage']:.0%}), accuracy on those {a['accuracy_kept']:.1%}"
+                      + (f"; rejects {a['unknown_rejected']:.1%} of the unknown images" if "unknown_rejected" in a else "")]
+    if "abstain_combined" in report:
+        lines.append("predict --abstain and serve use the combined score (an ONNX export: confidence)")
     if report.get("calibrated_checkpoint"):
         lines.append(f"stored in {report['calibrated_checkpoint']}")
     return "\n".join(lines)

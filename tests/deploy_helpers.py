@@ -33,8 +33,9 @@ def image_bytes(seed: int = 0, fmt: str = "PNG", size: tuple[int, int] = (80, 64
     return buffer.getvalue()
 
 
-def make_checkpoint(path: Path, reference: bool = True, temperature: float | None = None) -> Path:
-    """A resnet18 (weights none, seeded) for 3 classes on 64 px crops, with names and drift stats."""
+def make_checkpoint(path: Path, reference: bool = True, temperature: float | None = None, unknown: bool = False) -> Path:
+    """A resnet18 (weights none, seeded) for 3 classes on 64 px crops, with names and drift stats;
+    ``unknown`` adds open-set statistics and an unknown threshold (answers then say "unknown")."""
     from cnnkit.config import PreprocessConfig
     from cnnkit.data.transforms import build_transforms
     from cnnkit.drift import reference_statistics
@@ -63,6 +64,14 @@ def make_checkpoint(path: Path, reference: bool = True, temperature: float | Non
     )
     if temperature is not None:
         ckpt.calibration = {"temperature": temperature}
+    if unknown:
+        from cnnkit.models.openset import fit_open_set
+
+        transform = build_transforms(preprocess, train=False)
+        batch = torch.stack([transform(random_image(2000 + i)) for i in range(12)])
+        loader = [(batch, torch.arange(12) % len(CLASSES), [None] * 12)]
+        ckpt.open_set = fit_open_set(model, "resnet18", loader, loader, len(CLASSES))
+        ckpt.calibration.update({"abstain_threshold": 0.3, "unknown_threshold": 0.0})
     ckpt.save(path)
     return path
 

@@ -58,7 +58,7 @@ def server(tmp_path_factory):
     keys.write_text(f"fuzz {API_KEY}\n")
     keys.chmod(0o600)
     instance = start_server(
-        make_checkpoint(folder / "model.pt"), folder / "server.log", "--api-key-file", keys,
+        make_checkpoint(folder / "model.pt", unknown=True), folder / "server.log", "--api-key-file", keys,
         "--threads", "8", "--max-batch", "8", "--max-wait-ms", "5", "--max-bytes", str(MAX_BYTES),
         "--max-images", str(MAX_IMAGES), "--max-pixels", str(MAX_PIXELS), timeout=READ_TIMEOUT,
     )
@@ -335,6 +335,7 @@ def test_a_chunked_body_within_the_limit_is_served(server):
     answer = send_raw(server, keyed_head(content_type, **{"Transfer-Encoding": "chunked"}) + chunked(data, 1000))
     assert answer.status == 200, answer
     assert answer.json["results"][0]["filename"] == "a.png"
+    assert isinstance(answer.json["results"][0]["unknown"], bool)  # the model has an unknown threshold
 
 
 @pytest.mark.parametrize("body", [

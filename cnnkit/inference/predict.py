@@ -42,7 +42,7 @@ def predict(cfg: PredictConfig) -> PredictionStream:
     """Load the model, list the inputs (this ``--shard``, less those already in ``--output`` when
     resuming) and return their predictions as they are scored."""
     predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names, tta=cfg.tta)
-    threshold = predictor.abstain_threshold() if cfg.abstain else None
+    threshold, combined = predictor.abstain_rule() if cfg.abstain else (None, False)
     paths = list(expand_inputs(cfg.inputs))  # strings only: cheap even for a huge folder
     if cfg.shard_spec is not None:
         paths = select_shard(paths, *cfg.shard_spec)
@@ -54,10 +54,11 @@ def predict(cfg: PredictConfig) -> PredictionStream:
     elif not paths:
         log.warning("no images to score")
     top_k = predictor.cap_top_k(cfg.top_k)
-    rows = predictor.predict_paths(paths, top_k, cfg.batch_size, cfg.workers, cfg.progress)
+    rows = predictor.predict_paths(paths, top_k, cfg.batch_size, cfg.workers, cfg.progress, known_score=combined)
     if threshold is not None:
         rows = (
-            dataclasses.replace(row, abstained=True) if row.ok and row.top[0].probability < threshold else row
+            dataclasses.replace(row, abstained=True)
+            if row.ok and (row.known_score if combined else row.top[0].probability) < threshold else row
             for row in rows
         )
     return PredictionStream(rows, len(paths), top_k, abstain=threshold is not None)

@@ -3,6 +3,7 @@ scoring decoded images, preprocessed batches or image files (decoded in DataLoad
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from ..data.transforms import build_transforms, tta_views
 from ..errors import ConfigError
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.exported import is_onnx_file
+from ..models.openset import OpenSetScorer, capture_features, check_open_set
 from ..runtime import available_cores, resolve_device
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ class Prediction:
     path: str
     top: list[Guess] = field(default_factory=list)
     error: str | None = None
-    abstained: bool = False  # top-1 confidence below the checkpoint's abstain threshold
+    abstained: bool = False  # below the checkpoint's abstain threshold (see Predictor.abstain_rule)
+    known_score: float | None = None  # the open-set score --abstain thresholds, where it applies
 
     @property
     def ok(self) -> bool:
@@ -54,6 +57,11 @@ class Prediction:
 
 CPU_BATCH_SIZE = 8
 GPU_BATCH_SIZE = 32
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[list]:
+    yield []
 
 
 def scoring_defaults(device: torch.device, batch_size: int | None, workers: int | None) -> tuple[int, int]:
@@ -102,6 +110,9 @@ class Predictor:
         self.transform = build_transforms(self.checkpoint.preprocess, train=False)
         # The TTA asked for, else the one the checkpoint was calibrated with (cnnkit evaluate --tta).
         self.tta = tta or str(self.checkpoint.calibration.get("tta", "none"))
+        # The feature distance needs the backbone's output: a checkpoint's model, not an export's.
+        stats = check_open_set(self.checkpoint.open_set, len(self.classes)) if self.model is not None else None
+        self.open_set = OpenSetScorer(stats) if stats is not None else None
 
     def abstain_threshold(self) -> float:
         """The confidence below which ``--abstain`` answers unknown (set by ``cnnkit evaluate``)."""
@@ -113,13 +124,24 @@ class Predictor:
             )
         return float(threshold)
 
+    def abstain_rule(self) -> tuple[float, bool]:
+        """``(threshold, combined)``: ``--abstain`` answers unknown below ``threshold`` of the
+        combined open-set score when ``combined``, else of the top-1 confidence (a checkpoint
+        without open-set statistics, or an export, which has no features to measure)."""
+        combined = self.checkpoint.calibration.get("unknown_threshold")
+        if combined is not None and self.open_set is not None:
+            return float(combined), True
+        if combined is not None:
+            log.info("the open-set score needs the backbone's features, which only a checkpoint (.pt) gives: "
+                     "%s abstains on confidence alone", "this export" if self.backend is not None else "this model")
+        return self.abstain_threshold(), False
+
     def cap_top_k(self, top_k: int) -> int:
         """``top_k`` capped at the number of classes (with a warning when it was more)."""
         if top_k > len(self.classes):
             log.warning("--top-k %d is more than the %d classes; showing %d", top_k, len(self.classes), len(self.classes))
         return min(top_k, len(self.classes))
 
-    @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
         """Class probabilities (rows sum to 1) for a batch of preprocessed images, with the
         checkpoint's fitted temperature applied unless ``calibrated`` is False.
@@ -127,21 +149,32 @@ class Predictor:
         With test-time augmentation (:attr:`tta`) the views are averaged in log space (their
         logits, renormalised: a geometric mean of their probabilities), so that a temperature
         fitted on averaged views applies unchanged, whether or not it is applied before."""
-        views = tta_views(batch, self.tta)
-        if len(views) == 1:
-            if self.backend is not None:  # (as it is: no round trip through the log)
-                return self.backend.probabilities(batch)
-            return self._log_probabilities(batch, calibrated).exp()
-        log_probs = self._log_probabilities(torch.cat(views), calibrated)
-        return torch.softmax(log_probs.view(len(views), len(batch), -1).mean(dim=0), dim=1)
+        return self.scores(batch, calibrated)[0]
 
-    def _log_probabilities(self, batch: torch.Tensor, calibrated: bool) -> torch.Tensor:
+    @torch.inference_mode()
+    def scores(self, batch: torch.Tensor, calibrated: bool = True,
+               distances: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`probabilities`, and with ``distances`` (and open-set statistics) each image's
+        feature distance to the nearest training class (:class:`OpenSetScorer`; of the image as
+        it is, not of its TTA views), else None."""
+        views = tta_views(batch, self.tta)
         if self.backend is not None:  # the export's output is already (calibrated) probabilities
-            return self.backend.probabilities(batch).clamp_min(1e-30).log()
-        log_probs = self.model(batch.to(self.device, memory_format=self.memory_format)).float()
+            if len(views) == 1:
+                return self.backend.probabilities(batch), None
+            log_probs = self.backend.probabilities(torch.cat(views)).clamp_min(1e-30).log()
+            return _view_average(log_probs, len(views)), None
+        inputs = torch.cat(views) if len(views) > 1 else batch
+        with capture_features(self.model, self.checkpoint.arch) if distances and self.open_set else _nothing() as seen:
+            log_probs = self.model(inputs.to(self.device, memory_format=self.memory_format)).float()
         if calibrated and self.checkpoint.temperature != 1.0:
             log_probs = torch.log_softmax(log_probs / self.checkpoint.temperature, dim=1)
-        return log_probs.cpu()
+        distance = self.open_set.distances(seen[0][:len(batch)]).float() if seen else None  # (the first view: as is)
+        probs = log_probs.exp().cpu() if len(views) == 1 else _view_average(log_probs.cpu(), len(views))
+        return probs, distance
+
+    def known_scores(self, probs: torch.Tensor, distance: torch.Tensor) -> list[float]:
+        """The combined open-set score of each image (higher: more like the training classes)."""
+        return self.open_set.known_scores(probs.max(dim=1).values.double().numpy(), distance.double().numpy()).tolist()
 
     def _guesses(self, probs: torch.Tensor, k: int) -> list[list[Guess]]:
         values, indices = probs.topk(k, dim=1)
@@ -168,6 +201,16 @@ class Predictor:
     ) -> Iterator[tuple[str, torch.Tensor | None, str | None]]:
         """``(path, class probabilities or None, error or None)`` for each path, in order, as
         batches are scored; images are decoded in DataLoader workers (see :func:`scoring_defaults`)."""
+        for path, probs, _, error in self.score_paths_with_distance(paths, batch_size, workers, progress, calibrated,
+                                                                   distances=False):
+            yield path, probs, error
+
+    def score_paths_with_distance(
+        self, paths: Sequence[str], batch_size: int | None = None, workers: int | None = None, progress: bool = False,
+        calibrated: bool = True, distances: bool = True,
+    ) -> Iterator[tuple[str, torch.Tensor | None, float | None, str | None]]:
+        """:meth:`score_paths`' rows, each with the image's open-set feature distance (None
+        without open-set statistics, or when ``distances`` is False) before the error."""
         batch_size, workers = scoring_defaults(self.device, batch_size, workers)
         n_batches = math.ceil(len(paths) / batch_size)
         workers = min(workers, n_batches if n_batches > 1 else 0)
@@ -179,12 +222,14 @@ class Predictor:
         )
         with tqdm(total=len(paths), unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
             for images, indices, errors in loader:
-                probs = iter(self.probabilities(images, calibrated) if images is not None else [])
+                probs, distance = self.scores(images, calibrated, distances) if images is not None else (None, None)
+                good = iter(range(len(probs)) if probs is not None else [])
                 for index, error in zip(indices.tolist(), errors):
                     if error is not None:
-                        yield paths[index], None, error[1]
+                        yield paths[index], None, None, error[1]
                     else:
-                        yield paths[index], next(probs), None
+                        i = next(good)
+                        yield paths[index], probs[i], float(distance[i]) if distance is not None else None, None
                 bar.update(len(indices))
 
     def predict_paths(
@@ -194,11 +239,21 @@ class Predictor:
         batch_size: int | None = None,
         workers: int | None = None,
         progress: bool = False,
+        known_score: bool = False,
     ) -> Iterator[Prediction]:
-        """Predictions for ``paths``, in order, as they are scored; bad files give error rows."""
+        """Predictions for ``paths``, in order, as they are scored; bad files give error rows.
+        ``known_score`` (with open-set statistics) fills each prediction's combined score."""
         k = self.cap_top_k(top_k)
-        for path, probs, error in self.score_paths(paths, batch_size, workers, progress):
+        distances = known_score and self.open_set is not None
+        for path, probs, distance, error in self.score_paths_with_distance(paths, batch_size, workers, progress,
+                                                                          distances=distances):
             if error is not None:
                 yield Prediction(path, error=error)
             else:
-                yield Prediction(path, self._guesses(probs[None], k)[0])
+                score = self.known_scores(probs[None], torch.tensor([distance]))[0] if distance is not None else None
+                yield Prediction(path, self._guesses(probs[None], k)[0], known_score=score)
+
+
+def _view_average(log_probs: torch.Tensor, views: int) -> torch.Tensor:
+    """The TTA views' log-probabilities (views x N rows, view-major) averaged and renormalised."""
+    return torch.softmax(log_probs.view(views, -1, log_probs.shape[1]).mean(dim=0), dim=1)

@@ -50,6 +50,8 @@ class Checkpoint:
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature, abstain threshold
     # Validation-set statistics for drift monitoring (cnnkit.drift): plain lists and floats.
     reference_stats: dict[str, Any] | None = None
+    # Training-set feature statistics for unknown detection (cnnkit.models.openset): floats and tensors.
+    open_set: dict[str, Any] | None = None
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -99,6 +101,7 @@ class Checkpoint:
             "training_state": self.training_state,
             "calibration": dict(self.calibration),
             "reference_stats": self.reference_stats,
+            "open_set": self.open_set,
             "weights_sha256": weights_digest(self.state_dict),
         }
 
@@ -128,6 +131,7 @@ class Checkpoint:
                 training_state=payload.get("training_state"),
                 calibration=dict(payload.get("calibration") or {}),
                 reference_stats=payload.get("reference_stats"),
+                open_set=payload.get("open_set"),
             )
             ckpt._check_types(payload)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -150,6 +154,8 @@ class Checkpoint:
             raise TypeError("state_dict holds values that are not tensors")
         if not all(isinstance(c, str) for c in self.classes) or len(self.classes) != self.head.num_classes:
             raise ValueError(f"{len(self.classes)} classes for a head of {self.head.num_classes} outputs")
+        if self.open_set is not None and not isinstance(self.open_set, Mapping):
+            raise TypeError("open_set must be a dict of statistics")
         if not 0 < self.temperature < float("inf"):
             raise ValueError(f"temperature {self.temperature} is not a positive number")
 
@@ -309,6 +315,7 @@ def description_fields(ckpt: Checkpoint, path: str | os.PathLike[str]) -> dict[s
         "versions": ckpt.versions,
         "calibration": dict(ckpt.calibration),
         "drift_reference": bool(ckpt.reference_stats),
+        "open_set": bool(ckpt.open_set),
     }
 
 
@@ -344,6 +351,7 @@ def format_description(meta: dict[str, Any]) -> str:
         lines.append("calibration  " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}" if isinstance(v, float) else
                                                  f"{k.replace('_', ' ')} {v}" for k, v in calibration.items()))
     lines.append(f"drift ref    {'stored (cnnkit serve reports drift)' if meta.get('drift_reference') else 'none'}")
+    lines.append(f"open set     {'stored (feature statistics for --abstain and evaluate --unknown)' if meta.get('open_set') else 'none'}")
     quantization = meta.get("quantization")
     if quantization:
         gate = quantization["gate"]

@@ -1,7 +1,7 @@
 """Exported model files (ONNX, TorchScript): the metadata cnnkit writes into them and reads back.
 
 Metadata travels with the file, so an export is as self-describing as a checkpoint: class labels
-and names, preprocessing, arch, training summary, calibration and drift reference statistics, as
+and names, preprocessing, arch, training summary, calibration, drift reference and open-set statistics, as
 JSON values under ``cnnkit.*`` keys of the ONNX ``metadata_props``, or in the TorchScript extra
 file ``cnnkit.json``. :mod:`cnnkit.export` writes them; inference and serving read them.
 """
@@ -20,6 +20,7 @@ from ..config import PreprocessConfig
 from ..errors import CheckpointError, first_line, require_extra
 from .build import HeadSpec
 from .checkpoint import Checkpoint
+from .openset import open_set_from_json, open_set_to_json
 
 EXPORT_FORMAT = "cnnkit-export"
 EXPORT_FORMAT_VERSION = 1
@@ -62,6 +63,7 @@ def export_metadata(ckpt: Checkpoint, source_version: str | None = None) -> dict
         "summary": dict(ckpt.summary),
         "versions": dict(ckpt.versions),
         "reference_stats": getattr(ckpt, "reference_stats", None),
+        "open_set": open_set_to_json(getattr(ckpt, "open_set", None)),
         "source_model_version": source_version,
     }
 
@@ -91,6 +93,7 @@ def checkpoint_from_metadata(meta: Mapping[str, Any], source: str) -> Checkpoint
     if hasattr(ckpt, "calibration"):
         ckpt.calibration = {k: v for k, v in (meta.get("calibration") or {}).items() if k != "temperature"}
     ckpt.reference_stats = meta.get("reference_stats")
+    ckpt.open_set = open_set_from_json(meta.get("open_set"))
     return ckpt
 
 

@@ -30,6 +30,9 @@ class ServedModel:
     max_pixels: int
     backend: str  # torch, onnxruntime, onnxruntime-int8
     drift: DriftMonitor | None
+    # (threshold, combined) when the checkpoint has a combined unknown threshold (evaluate
+    # --target-coverage with open-set statistics): each answer then says whether it is unknown.
+    unknown_rule: tuple[float, bool] | None = None
 
     @property
     def checkpoint(self) -> Any:
@@ -43,8 +46,22 @@ class ServedModel:
     def image_size(self) -> int:
         return self.checkpoint.preprocess.image_size
 
-    def score(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.predictor.probabilities(batch)
+    def score(self, batch: torch.Tensor, with_known: bool = False) -> torch.Tensor:
+        """Class probabilities; with ``with_known`` and a combined :attr:`unknown_rule`, each row
+        ends with the open-set known score (one tensor, so the batcher slices both together)."""
+        if not (with_known and self.unknown_rule is not None and self.unknown_rule[1]):
+            return self.predictor.probabilities(batch)
+        probs, distance = self.predictor.scores(batch, distances=True)
+        known = torch.tensor(self.predictor.known_scores(probs, distance), dtype=probs.dtype)
+        return torch.cat([probs, known[:, None]], dim=1)
+
+    def unknown_flags(self, scored: torch.Tensor) -> tuple[torch.Tensor, list[bool] | None]:
+        """``(probabilities, per-image unknown flags or None)`` of a ``score(with_known=True)`` result."""
+        if self.unknown_rule is None:
+            return scored, None
+        threshold, combined = self.unknown_rule
+        probs, value = (scored[:, :-1], scored[:, -1]) if combined else (scored, scored.max(dim=1).values)
+        return probs, (value < threshold).tolist()
 
     def check(self) -> None:
         """One forward pass on a blank image: it must give one probability per class."""
@@ -80,6 +97,7 @@ def load_served_model(cfg: ServeConfig, path: str, *, check: bool = True, versio
     max_pixels = min(cfg.max_pixels, ckpt.preprocess.max_pixels)
     transform = build_transforms(dataclasses.replace(ckpt.preprocess, max_pixels=max_pixels), train=False)
     reference = check_reference(getattr(ckpt, "reference_stats", None), len(predictor.classes))
+    unknown_rule = predictor.abstain_rule() if "unknown_threshold" in ckpt.calibration else None
     model = ServedModel(
         path=path,
         version=version,
@@ -88,6 +106,7 @@ def load_served_model(cfg: ServeConfig, path: str, *, check: bool = True, versio
         max_pixels=max_pixels,
         backend=exported.name if exported is not None else "torch",
         drift=DriftMonitor(reference, cfg.drift_window) if reference is not None else None,
+        unknown_rule=unknown_rule,
     )
     if check:
         model.check()

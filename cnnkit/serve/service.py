@@ -104,7 +104,7 @@ class ModelService:
     def _score(self, batch: torch.Tensor, model: ServedModel | None) -> torch.Tensor:
         if self.slow:
             time.sleep(self.slow)
-        return (model or self.model).score(batch)
+        return (model or self.model).score(batch, with_known=True)
 
     def _on_batch(self, size: int, seconds: float, model: ServedModel | None) -> None:
         model = model or self.model
@@ -173,14 +173,14 @@ class ModelService:
                 batch = self.prepare(blobs, model)
                 job = ticket.submit(batch, fault, model)
             try:
-                probs = self.batcher.wait(job, self.cfg.timeout - (time.perf_counter() - started))
+                scored = self.batcher.wait(job, self.cfg.timeout - (time.perf_counter() - started))
             except HttpError as exc:
                 if exc.status == 503:  # timed out (or stopping): when to come back
                     exc.headers.setdefault("Retry-After", str(self.admission.retry_after()))
                 raise
-        answer = self.respond(blobs, batch, probs, top_k, started, model, role)
+        answer = self.respond(blobs, batch, scored, top_k, started, model, role)
         if shadow is not None:
-            self.shadow.offer(shadow, model, blobs, batch, probs.argmax(dim=1).tolist())
+            self.shadow.offer(shadow, model, blobs, batch, model.unknown_flags(scored)[0].argmax(dim=1).tolist())
             self.batcher.nudge()
         return answer
 
@@ -202,13 +202,14 @@ class ModelService:
     def respond(self, blobs: Sequence[tuple[str | None, bytes]], batch: torch.Tensor, probs: torch.Tensor,
                 top_k: int, started: float, model: ServedModel | None = None, role: str = PRIMARY) -> dict[str, Any]:
         model = model or self.model
+        probs, unknown = model.unknown_flags(probs)  # (the known score's column, where the model has one)
         predictor = model.predictor
         k = min(top_k, len(predictor.classes))
         values, indices = probs.topk(k, dim=1)
         classes, names = predictor.classes, predictor.names
         results = []
         for index, ((name, _), row_p, row_i) in enumerate(zip(blobs, values.tolist(), indices.tolist())):
-            item: dict[str, Any] = {"index": index}
+            item: dict[str, Any] = {"index": index} if unknown is None else {"index": index, "unknown": unknown[index]}
             if name is not None:
                 item["filename"] = name
             item["predictions"] = [

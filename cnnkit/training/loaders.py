@@ -47,6 +47,7 @@ class RunLoaders:
         self.features: dict[str, features.FeatureSet] = {}
         self.cache_seconds = 0.0  # the one-off feature computation, counted in the next epoch's time
         self._whole_valid: DataLoader | None = None
+        self._whole_train: DataLoader | None = None
 
     @property
     def cache_dir(self) -> str:
@@ -88,6 +89,13 @@ class RunLoaders:
             whole = EpochSampler(len(self.splits.valid), shuffle=False)
             self._whole_valid = self.image_loader(self.splits.valid, whole, augment=False)
         return self._whole_valid
+
+    def whole_train(self) -> DataLoader:
+        """The whole training set as unaugmented images, in order, unsharded (open-set statistics)."""
+        if self._whole_train is None:
+            self._whole_train = self.image_loader(self.splits.train, EpochSampler(len(self.splits.train), shuffle=False),
+                                                  augment=False)
+        return self._whole_train
 
     def take_cache_seconds(self) -> float:
         seconds, self.cache_seconds = self.cache_seconds, 0.0

@@ -1,5 +1,6 @@
 """best.pt (the best validation accuracy so far) and last.pt (with what resuming needs), saved
-atomically after every epoch; at the end, best.pt gets its drift reference statistics."""
+atomically after every epoch; at the end, best.pt gets its drift reference statistics and its
+open-set (unknown detection) statistics."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ...drift import reference_statistics
 from ...models.checkpoint import load_checkpoint
+from ...models.openset import fit_open_set
 from ..rundir import BEST, LAST
 from .base import Callback
 
@@ -24,17 +26,18 @@ class Checkpoints(Callback):
         trainer.checkpoint(with_state=True).save(trainer.run.paths[LAST])
 
     def after_fit(self, trainer: Trainer) -> None:
-        """Give best.pt (the file to deploy) its validation statistics for drift monitoring.
+        """Give best.pt (the file to deploy) its validation statistics for drift monitoring and
+        its open-set statistics (class means and covariance of the training images' features).
 
-        They take a pass over the validation images with the best weights: done once, at the
-        end of the run, rather than at every improvement (which would cost cached epochs most
-        of their speed-up).
+        They take a pass over the validation images and one over the training images with the
+        best weights: done once, at the end of the run, rather than at every improvement (which
+        would cost cached epochs most of their speed-up).
         """
         path, run = trainer.run.paths[BEST], trainer.run
         if not os.path.exists(path):
             return
         best = load_checkpoint(path)
-        if best.reference_stats is not None:
+        if best.reference_stats is not None and best.open_set is not None:
             return
         model = run.model
         current = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -42,7 +45,11 @@ class Checkpoints(Callback):
         try:
             # The epochs' own validation loader when it is unsharded images; else the whole set.
             loader = trainer.valid_loader if not run.ctx.enabled and trainer.net is model else run.loaders.whole_validation()
-            best.reference_stats = reference_statistics(model, loader, trainer.device)
+            if best.reference_stats is None:
+                best.reference_stats = reference_statistics(model, loader, trainer.device)
+            if best.open_set is None:
+                best.open_set = fit_open_set(model, best.arch, run.loaders.whole_train(), loader,
+                                             len(best.classes), trainer.device)
         finally:
             model.load_state_dict(current)
         best.save(path)
