@@ -13,7 +13,8 @@ real flowers-20 JPEGs, each on a new connection.
    every 10 s alternating two checkpoints (A and B, different weights): failed requests, the
    model versions answered, the workers' summed RSS after the first reload and after the last.
 3. **Shadow on and off**: two servers, the defaults and ``--shadow B`` (B: other weights), both
-   up at once and measured in turn, ``--repeats`` runs of ``--seconds`` at concurrency 8 each:
+   up (started one after the other) and measured in turn, the first of each round alternating,
+   ``--repeats`` runs of ``--seconds`` at concurrency 8 each:
    requests/s of the 200s and their p95, the ratios on/off of each pair of runs, and the shadow's
    images scored and dropped.
 
@@ -240,14 +241,16 @@ def reload_under_load(args, checkpoints: list[Path], work: Path, payloads: list)
 def shadow_on_off(args, checkpoints: list[Path], work: Path, payloads: list) -> dict:
     servers = {"off": [], "on": ["--shadow", str(checkpoints[1])]}
     ports = {name: free_port() for name in servers}
-    processes = {name: start(checkpoints[0], ports[name], work / f"shadow-{name}.log", flags)
-                 for name, flags in servers.items()}
+    processes: dict = {}
     runs: dict = {name: [] for name in servers}
     try:
-        for name in servers:
+        for name, flags in servers.items():  # one at a time: each measures its forward-pass rate (its
+            # --max-queue bound) at warm-up, which the other's warm-up would slow
+            processes[name] = start(checkpoints[0], ports[name], work / f"shadow-{name}.log", flags)
             wait_ready(ports[name], processes[name], payloads[0])
-        for _ in range(args.repeats):
-            for name in servers:  # in turn: the idle one uses no CPU
+        for round_ in range(args.repeats):
+            order = list(servers) if round_ % 2 == 0 else list(reversed(servers))  # (which goes first alternates)
+            for name in order:  # in turn: the idle one uses no CPU
                 row = run(ports[name], payloads, 8, args.seconds)
                 runs[name].append(row)
                 print(f"[shadow] {name}: {row}", file=sys.stderr, flush=True)
