@@ -28,7 +28,7 @@ from .config import (
     TrainConfig,
 )
 from .errors import CnnkitError, ConfigError, LeakError, PartialFailure, WorkerError, worker_death
-from .logs import setup_logging
+from .logs import quiet_dead_worker_handshakes, setup_logging
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx")
 EXIT_CODES_HELP = (
@@ -118,6 +118,7 @@ def _device(device: str, gpu: bool) -> str:
 def main(verbose: int, quiet: bool) -> None:
     """Train, evaluate and use image classifiers built on pretrained torchvision CNNs."""
     setup_logging(-1 if quiet else verbose)
+    quiet_dead_worker_handshakes()
     _pass_undecodable_names()
 
 
