@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 import traceback
+from typing import Any
 
 
 class _Formatter(logging.Formatter):
@@ -27,24 +28,34 @@ def setup_logging(verbosity: int) -> None:
 
 
 def quiet_dead_worker_handshakes() -> None:
-    """A data-loading worker killed while the main process hands it a shared tensor's file
-    descriptor leaves multiprocessing's resource-sharer thread with an EOFError, which Python
-    prints as a traceback on stderr. The worker's death is what the command reports (one line,
-    exit 8), so that thread's error goes to the debug log instead; any other thread's error is
-    printed as before."""
-    previous = threading.excepthook
+    """A data-loading worker killed while a file descriptor is being handed over (a shared
+    tensor) leaves multiprocessing's resource-sharer thread, in a surviving forked worker, with an
+    EOFError that it prints as a traceback on the shared stderr (through ``sys.excepthook``; a
+    thread's uncaught error goes through ``threading.excepthook``). The worker's death is what the
+    command reports (one line, exit 8), so that error goes to the debug log instead; any other is
+    printed as before. Forked workers inherit both hooks."""
+    if getattr(sys.excepthook, "cnnkit_quiet", False):
+        return
+    previous_sys, previous_thread = sys.excepthook, threading.excepthook
 
-    def hook(args: threading.ExceptHookArgs) -> None:
-        frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback is not None else []
-        if issubclass(args.exc_type, (EOFError, ConnectionError)) and any(
-                frame.filename.endswith("resource_sharer.py") for frame in frames):
-            logging.getLogger("cnnkit").debug("a worker's descriptor handshake broke off: %s", args.exc_type.__name__)
-            return
-        previous(args)
+    def quiet(kind: type[BaseException], tb: Any) -> bool:
+        if not issubclass(kind, (EOFError, ConnectionError)) or tb is None:
+            return False
+        if not any(frame.filename.endswith("resource_sharer.py") for frame in traceback.extract_tb(tb)):
+            return False
+        logging.getLogger("cnnkit").debug("a worker's descriptor handshake broke off: %s", kind.__name__)
+        return True
 
-    if not getattr(threading.excepthook, "cnnkit_quiet", False):
-        hook.cnnkit_quiet = True  # type: ignore[attr-defined]
-        threading.excepthook = hook
+    def sys_hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not quiet(kind, tb):
+            previous_sys(kind, value, tb)
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if not quiet(args.exc_type, args.exc_traceback):
+            previous_thread(args)
+
+    sys_hook.cnnkit_quiet = True  # type: ignore[attr-defined]
+    sys.excepthook, threading.excepthook = sys_hook, thread_hook
 
 
 def verbosity_of(level: int) -> int:

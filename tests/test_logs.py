@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
 
 from cnnkit.logs import quiet_dead_worker_handshakes
 
-# A function whose frames say they are multiprocessing's resource sharer, raising what its
-# listener thread raises when the worker at the other end was killed.
-_SHARER = compile("def serve():\n    raise EOFError\n", "/usr/lib/python3/multiprocessing/resource_sharer.py", "exec")
+# A function whose frames say they are multiprocessing's resource sharer: its listener loop
+# catches the EOFError of a handshake cut off by a killed worker and passes it to sys.excepthook.
+_SHARER = compile("import sys\ndef serve():\n    try:\n        raise EOFError\n    except EOFError:\n"
+                  "        sys.excepthook(*sys.exc_info())\ndef crash():\n    raise EOFError\n",
+                  "/usr/lib/python3/multiprocessing/resource_sharer.py", "exec")
 
 
 def _run_in_thread(target) -> None:
@@ -22,6 +25,7 @@ def _run_in_thread(target) -> None:
 @pytest.fixture
 def hook(monkeypatch):
     monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
     quiet_dead_worker_handshakes()
     quiet_dead_worker_handshakes()  # idempotent: one hook, not two
     return threading.excepthook
@@ -30,7 +34,8 @@ def hook(monkeypatch):
 def test_the_resource_sharers_eof_is_not_printed_but_other_thread_errors_are(hook, capsys):
     namespace: dict = {}
     exec(_SHARER, namespace)
-    _run_in_thread(namespace["serve"])
+    _run_in_thread(namespace["serve"])  # the listener's own sys.excepthook call
+    _run_in_thread(namespace["crash"])  # an uncaught error of that thread
     assert capsys.readouterr().err == ""
 
     def elsewhere() -> None:
