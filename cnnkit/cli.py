@@ -155,7 +155,7 @@ _scoring_options = _options(
 _model_options = _options(
     click.argument("data_dir", type=click.Path()),
     click.option("--arch", default="densenet121", show_default=True, help="torchvision architecture (VGG, DenseNet, ResNet/ResNeXt, MobileNet, EfficientNet, ConvNeXt, RegNet...)."),
-    click.option("--weights", default="DEFAULT", show_default=True, help="Backbone weights: DEFAULT (torchvision's pretrained, from the torch hub cache or downloaded), a weights name such as IMAGENET1K_V2, a path to a local .pth state_dict, or none."),
+    click.option("--weights", default="DEFAULT", show_default=True, help="Backbone weights: DEFAULT (torchvision's pretrained, from the torch hub cache or downloaded), a weights name such as IMAGENET1K_V2, a path to a local .pth state_dict or to a cnnkit checkpoint (its backbone; the classifier is replaced), or none."),
     click.option("--hidden-units", type=int, default=512, show_default=True, help="Hidden units of the new head; 0 for a single Linear layer."),
     click.option("--dropout", type=float, default=0.2, show_default=True, help="Dropout of the new head."),
     click.option("--batch-size", type=int, default=32, show_default=True),

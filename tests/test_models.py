@@ -175,6 +175,32 @@ def test_weights_of_another_architecture_are_a_weights_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("source", ["torchvision-10-classes", "cnnkit-checkpoint"])
+def test_weights_with_another_classifier_give_their_backbone(tmp_path, source):
+    torch.manual_seed(0)
+    if source == "cnnkit-checkpoint":  # a model trained on other data: its backbone, transferred
+        trained, _ = build_model("resnet18", 7, "none", hidden_units=16)
+        payload = {"format_version": 1, "state_dict": trained.state_dict(), "classes": list("abcdefg")}
+    else:
+        trained = get_model("resnet18", weights=None, num_classes=10)
+        payload = trained.state_dict()
+    path = tmp_path / "other.pt"
+    torch.save(payload, path)
+    model, spec = build_model("resnet18", 3, str(path))
+    assert spec.num_classes == 3
+    assert torch.equal(model.layer4[1].conv2.weight, trained.layer4[1].conv2.weight)
+    assert torch.equal(model.bn1.running_mean, trained.bn1.running_mean)
+
+
+def test_weights_missing_backbone_tensors_are_a_weights_error(tmp_path):
+    state = get_model("resnet18", weights=None).state_dict()
+    del state["layer4.1.conv2.weight"]
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"does not fit resnet18: missing key\(s\) layer4.1.conv2.weight$"):
+        build_model("resnet18", 3, str(path))
+
+
 def test_missing_weights_file_is_a_weights_error(tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         build_model("resnet18", 3, str(tmp_path / "nope.pth"))

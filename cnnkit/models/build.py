@@ -134,7 +134,8 @@ def build_model(
     """A torchvision backbone (pretrained per ``weights``) with a new head for ``num_classes``.
 
     ``weights``: ``"DEFAULT"`` or a torchvision weights name (downloaded to, or read from, the
-    torch hub cache), a path to a local ``.pth`` state_dict of the backbone, or ``"none"``/None.
+    torch hub cache), a path to a local ``.pth`` state_dict of the model (its classifier is
+    ignored) or to a cnnkit checkpoint (its backbone), or ``"none"``/None.
     With ``freeze`` only the head is trainable.
     """
     from torchvision.models import get_model
@@ -145,11 +146,7 @@ def build_model(
     model = get_model(arch, weights=None)
     state_dict = load_backbone_weights(arch, weights)
     if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-            raise WeightsError(f"--weights {weights} does not fit {arch}: {first}") from None
+        _load_backbone(model, arch, state_dict, str(weights))
     if freeze:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -158,6 +155,28 @@ def build_model(
     spec = HeadSpec(in_features, num_classes, hidden_units, dropout)
     model.set_submodule(path, build_head(spec))
     return model, spec
+
+
+def _load_backbone(model: nn.Module, arch: str, state_dict: dict[str, torch.Tensor], weights: str) -> None:
+    """Every backbone tensor of ``model`` from ``state_dict``. Its classifier is not needed (a new
+    head replaces it), so one for other classes fits too: a torchvision file fine-tuned elsewhere,
+    or a cnnkit checkpoint trained on other data (its backbone, transferred)."""
+    head = head_path(arch)
+
+    def in_head(key: str) -> bool:
+        return key == head or key.startswith(head + ".")
+
+    backbone = {key: value for key, value in state_dict.items() if not in_head(key)}
+    try:
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise WeightsError(f"--weights {weights} does not fit {arch}: {first}") from None
+    missing = [key for key in missing if not in_head(key)]
+    if missing or unexpected:
+        keys = ", ".join((missing or unexpected)[:3]) + (", ..." if len(missing or unexpected) > 3 else "")
+        raise WeightsError(f"--weights {weights} does not fit {arch}: "
+                           f"{'missing' if missing else 'unexpected'} key(s) {keys}")
 
 
 def model_from_spec(arch: str, head: HeadSpec) -> nn.Module:
