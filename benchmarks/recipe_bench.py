@@ -10,12 +10,18 @@ scratch (``--weights none``). Two settings:
   128-px crops, every recipe under the same ``--time-budget`` (15m by default): the
   recipes' speed matters there, so run it on a quiet machine.
 
+- ``--data transfer``: the product's main use, measured on features actually learned: the
+  backbone of a flowers-20 run (``--backbone best.pt``, e.g. one kept by ``--keep``) trained on
+  flowers-mini at 128 px with ``--weights BACKBONE`` (a frozen head on cached features, then
+  ``--fine-tune``), against flowers-mini from scratch at the same size and epochs.
+
 For each recipe and seed: the best epoch's validation accuracy (what ``best.pt`` holds), then
 ``cnnkit evaluate best.pt`` on the test split: top-1 accuracy and ECE (15 bins); and the run's
 wall time. Medians/means with min–max over seeds; raw runs in benchmarks/out/recipe_bench_*.json.
 
     python benchmarks/recipe_bench.py --data mini --seeds 0 1 2 3 4
     python benchmarks/recipe_bench.py --data flowers-20 --recipes plain scratch --seeds 0 1 2
+    python benchmarks/recipe_bench.py --data transfer --backbone DIR/recipe\ scratch-0/best.pt --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -41,18 +47,31 @@ RECIPES = {
     "trivial": ["--augment", "trivial"],
     "trivial+ls": ["--augment", "trivial", "--label-smoothing", "0.1"],
     "trivial+mix+ls": ["--augment", "trivial", *MIX, "--label-smoothing", "0.1"],
-    "trivial+mix+ls+ema": ["--augment", "trivial", *MIX, "--label-smoothing", "0.1", "--ema", "0.9"],
+    "trivial+ls+ema": ["--augment", "trivial", "--label-smoothing", "0.1", "--ema", "0.99"],
+    "trivial+mix+ls+ema": ["--augment", "trivial", *MIX, "--label-smoothing", "0.1", "--ema", "0.99"],
     "rand+erase+ls": ["--augment", "rand", "--random-erase", "0.25", "--label-smoothing", "0.1"],
     "recipe scratch": ["--recipe", "scratch"],
 }
+BACKBONE = "{backbone}"  # --data transfer: the flowers-20 checkpoint given by --backbone
+TRANSFER_EPOCHS = ["--epochs", "10", "--fine-tune", "10"]
+TRANSFER = {
+    "scratch, no transfer": ["--weights", "none", "--recipe", "scratch", "--epochs", "20"],
+    "head only": ["--weights", BACKBONE, "--epochs", "20"],
+    "head, then fine-tune": ["--weights", BACKBONE, *TRANSFER_EPOCHS],
+    "head, then fine-tune, ls": ["--weights", BACKBONE, *TRANSFER_EPOCHS, "--label-smoothing", "0.1"],
+    "head, then fine-tune, trivial": ["--weights", BACKBONE, *TRANSFER_EPOCHS, "--augment", "trivial"],
+    "recipe transfer": ["--weights", BACKBONE, *TRANSFER_EPOCHS, "--recipe", "transfer"],
+}
+MINI = REPO / "data" / "flowers-mini"
 SETTINGS = {
-    "mini": (REPO / "data" / "flowers-mini", ["--image-size", "64", "--epochs", "15"]),
-    "flowers-20": (FLOWERS_20, ["--image-size", "128", "--batch-size", "64"]),
+    "mini": (MINI, ["--weights", "none", "--image-size", "64", "--epochs", "15"], RECIPES),
+    "flowers-20": (FLOWERS_20, ["--weights", "none", "--image-size", "128", "--batch-size", "64"], RECIPES),
+    "transfer": (MINI, ["--image-size", "128"], TRANSFER),
 }
 
 
 def run(data: Path, base: list[str], flags: list[str], seed: int, save_dir: Path) -> dict:
-    cmd = [*CNNKIT, "train", str(data), "--arch", "resnet18", "--weights", "none", "--seed", str(seed),
+    cmd = [*CNNKIT, "train", str(data), "--arch", "resnet18", "--seed", str(seed),
            "--save-dir", str(save_dir), "--force", "--no-progress", *base,
            *(flags if "--recipe" in flags else ["--recipe", "plain", *flags])]
     started = time.perf_counter()
@@ -74,31 +93,48 @@ def summary(values: list[float], percent: bool = True) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=sorted(SETTINGS), default="mini")
-    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=sorted({*RECIPES, *TRANSFER}),
+                        help="the setting's recipes to run (default: all of them)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--time-budget", default="15m", help="flowers-20: every run's --time-budget")
+    parser.add_argument("--append", action="store_true", help="add to the runs already in the output file")
+    parser.add_argument("--keep", type=Path, help="keep each run's best.pt under KEEP/RECIPE-SEED/")
+    parser.add_argument("--backbone", type=Path, help="--data transfer: the flowers-20 checkpoint to transfer")
     args = parser.parse_args()
-    data, base = SETTINGS[args.data]
+    data, base, recipes = SETTINGS[args.data]
+    names = args.recipes or list(recipes)
+    if unknown := [name for name in names if name not in recipes]:
+        parser.error(f"not a recipe of --data {args.data}: {', '.join(unknown)}")
+    if args.data == "transfer":
+        if args.backbone is None or not args.backbone.is_file():
+            parser.error("--data transfer needs --backbone, a flowers-20 checkpoint (best.pt)")
+        recipes = {name: [flag.format(backbone=args.backbone) for flag in flags] for name, flags in recipes.items()}
     if args.data == "flowers-20":
         base = [*base, "--time-budget", args.time_budget]
-    results: dict = {"command": "python benchmarks/recipe_bench.py " + " ".join(sys.argv[1:]), "machine": machine(),
-                     "runs": {}}
+    command = "python benchmarks/recipe_bench.py " + " ".join(sys.argv[1:])
     output = REPO / "benchmarks" / "out" / f"recipe_bench_{args.data}.json"
+    # Runs add to what earlier commands measured (a screen, then more seeds for the finalists);
+    # a recipe and seed measured again replaces the old row.
+    results: dict = json.loads(output.read_text()) if output.exists() and args.append else {"runs": {}}
+    earlier = results.pop("command", None)  # (files written before runs could be added)
+    results["commands"] = [*results.get("commands", [earlier] if earlier else []), command]
+    results["machine"] = machine()
     with tempfile.TemporaryDirectory(prefix="cnnkit-recipes-") as tmp:
         for seed in args.seeds:  # seeds outermost: a partial run still compares every recipe
-            for name in args.recipes:
-                row = run(data, base, RECIPES[name], seed, Path(tmp) / f"{name}-{seed}")
+            for name in names:
+                save_dir = (args.keep or Path(tmp)) / f"{name}-{seed}"
+                row = run(data, base, recipes[name], seed, save_dir)
                 results["runs"].setdefault(name, {})[str(seed)] = row
                 print(f"{name} seed {seed}: {row}", file=sys.stderr, flush=True)
                 output.parent.mkdir(parents=True, exist_ok=True)
                 output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"`{results['command']}`; {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+    print(f"`{'`, then `'.join(results['commands'])}`; {results['machine']['cpu']}, {results['machine']['cores']} cores, "
           f"torch {results['machine']['torch']}\n")
     print("| recipe | flags | validation accuracy, best epoch, % | test accuracy, % | test ECE | epochs | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in args.recipes:
+    for name in results["runs"]:
         rows = list(results["runs"][name].values())
-        print(f"| {name} | `{' '.join(RECIPES[name]) or '(none)'}` | {summary([r['val_best'] for r in rows])} | "
+        print(f"| {name} | `{' '.join(SETTINGS[args.data][2][name]) or '(none)'}` | {summary([r['val_best'] for r in rows])} | "
               f"{summary([r['test_acc'] for r in rows])} | {summary([r['ece'] for r in rows], percent=False)} | "
               f"{statistics.median(r['epochs'] for r in rows):.0f} | {statistics.median(r['seconds'] for r in rows):.0f} |")
 

@@ -39,12 +39,10 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # resized crop + horizontal flip; trivial / rand = light + torchvision's TrivialAugmentWide / RandAugment.
 AUGMENT_POLICIES = ("none", "light", "trivial", "rand")
 # The training recipes (``--recipe``): what each sets where the run's flags leave a field unset
-# (None). plain: light augmentation only, the recipe before issue 12, and the default: on the
-# README demo (flowers-mini, 15 epochs) it still beats the stronger ones measured so far
-# (benchmarks/RESULTS.md, "Training recipes"); scratch and transfer are the candidates for
-# training from scratch and from pretrained weights, to become the defaults once flowers-20
-# measures them better (benchmarks/recipe_bench.py --data flowers-20).
-DEFAULT_RECIPE = "plain"
+# (None). plain: light augmentation only (the recipe before issue 12); scratch: the default from
+# random weights, transfer: the default from pretrained ones, each the best measured for its case
+# (benchmarks/RESULTS.md, "Training recipes": flowers-20 under a 15-minute budget, and flowers-mini
+# from a backbone trained on flowers-20).
 RECIPES: dict[str, dict[str, Any]] = {
     "plain": {"augment": None, "random_erase": 0.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "ema": 0.0},
     "scratch": {"augment": "trivial", "random_erase": 0.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.1,
@@ -57,6 +55,11 @@ TTA_MODES = ("none", "flip", "flip+rot90")
 EXPLAIN_METHODS = ("gradcam", "gradcam++")
 
 _T = TypeVar("_T")
+
+
+def default_recipe(weights: str) -> str:
+    """The recipe of a run without ``--recipe``: ``scratch`` from random weights, else ``transfer``."""
+    return "scratch" if weights.lower() == "none" else "transfer"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -167,7 +170,7 @@ class TrainConfig(Serializable):
     class_weights: str = "none"  # none | balanced: weight the loss by inverse class frequency
     sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often
     augment: str | None = None  # AUGMENT_POLICIES; None: light while the backbone trains, none while it is frozen
-    recipe: str | None = None  # RECIPES; None: DEFAULT_RECIPE
+    recipe: str | None = None  # RECIPES; None: default_recipe(weights)
     # None in the five below: the recipe's value (with_recipe fills them in)
     random_erase: float | None = None  # probability of erasing a random rectangle of a training image
     vflip: bool = False  # vertical flips too (images with no natural orientation: cells, satellites, scans)
@@ -270,9 +273,9 @@ class TrainConfig(Serializable):
         return (self.mixup or 0) > 0 or (self.cutmix or 0) > 0
 
     def with_recipe(self) -> "TrainConfig":
-        """This config with its recipe named (DEFAULT_RECIPE unless ``recipe`` says) and the
+        """This config with its recipe named (``default_recipe`` unless ``recipe`` says) and the
         recipe's value in every field the flags left unset."""
-        name = self.recipe or DEFAULT_RECIPE
+        name = self.recipe or default_recipe(self.weights)
         unset = {field: value for field, value in RECIPES[name].items() if getattr(self, field) is None}
         return dataclasses.replace(self, recipe=name, **unset)
 

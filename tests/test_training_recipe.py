@@ -165,16 +165,27 @@ def test_lr_find_takes_the_recipe_options(image_folder, tmp_path):
 
 @pytest.mark.parametrize("recipe", [None, "scratch", "transfer"])
 def test_a_recipe_fills_the_fields_the_flags_leave_unset_and_is_logged(image_folder, tmp_path, caplog, recipe):
-    from cnnkit.config import DEFAULT_RECIPE, RECIPES
+    from cnnkit.config import RECIPES
 
     caplog.set_level("INFO", logger="cnnkit")
     cfg = tiny_train_config(image_folder, tmp_path / "run", recipe=recipe, epochs=1, label_smoothing=0.05)
     train(cfg)
     saved = TrainConfig.from_dict(load_checkpoint(tmp_path / "run" / "best.pt").train_config)
-    name = recipe or DEFAULT_RECIPE
+    name = recipe or "scratch"  # the default from random weights (tiny_train_config: --weights none)
     assert saved.recipe == name and f"recipe {name} (" in caplog.text
     assert saved.label_smoothing == 0.05  # a flag overrides the recipe's field...
     assert all(getattr(saved, k) == v for k, v in RECIPES[name].items() if k != "label_smoothing")  # ...and no other
+
+
+def test_the_default_recipe_follows_the_weights_and_says_why():
+    from cnnkit.training.prepare import recipe_reason
+
+    scratch, transfer = TrainConfig("d", weights="none"), TrainConfig("d", weights="IMAGENET1K_V1")
+    assert scratch.with_recipe().recipe == "scratch" and transfer.with_recipe().recipe == "transfer"
+    assert "the default from scratch" in recipe_reason(scratch)
+    assert "the default from pretrained weights" in recipe_reason(transfer)
+    chosen = TrainConfig("d", weights="none", recipe="plain")
+    assert chosen.with_recipe().recipe == "plain" and recipe_reason(chosen) == "--recipe"
 
 
 def test_checkpoints_from_before_the_policies_keep_their_augmentation():

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..config import BUDGET_EPOCHS, DEFAULT_EPOCHS, DEFAULT_RECIPE, PreprocessConfig, TrainConfig
+from ..config import BUDGET_EPOCHS, DEFAULT_EPOCHS, PreprocessConfig, TrainConfig
 from ..data.folders import Splits, load_category_names, load_splits
 from ..data.transforms import resolve_preprocess
 from ..distributed import DistContext
@@ -71,6 +71,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed: Checkpoint | None = None
     finishing: bool = False  # a finished run whose best.pt lacks its drift statistics: only complete it
+    recipe_reason: str = ""  # why the run has its recipe (logged)
 
     @property
     def cfg(self) -> TrainConfig:
@@ -93,6 +94,7 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext, outputs: bool = True) -> Run
     resumed = load_checkpoint(cfg.resume) if cfg.resume else None
     if resumed is not None:
         cfg = resume_config(cfg, resumed)
+    reason = recipe_reason(cfg)
     cfg = cfg.with_recipe()
     if cfg.epochs is None:  # (a time budget plans its epochs once the first ones are timed)
         cfg = dataclasses.replace(cfg, epochs=BUDGET_EPOCHS if cfg.time_budget else DEFAULT_EPOCHS)
@@ -130,6 +132,7 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext, outputs: bool = True) -> Run
         paths=run_paths(cfg.save_dir),
         history=load_history(os.path.join(run_dir, METRICS), state.epoch) if run_dir else [],
         resumed=resumed,
+        recipe_reason=reason,
     )
     run.finishing = bool(outputs and continuing and _is_finished(run) and _best_incomplete(run.paths[BEST]))
     _check_resumable(run)
@@ -245,15 +248,20 @@ def describe(run: Run) -> None:
         run.recipe.end_epoch(state.fine_tune_from),
         f" (the last {cfg.fine_tune} fine-tuning the backbone)" if cfg.fine_tune else "",
     )
-    log.info("recipe %s (%s): %s", cfg.recipe, recipe_reason(cfg), ", ".join(recipe_settings(cfg)))
+    log.info("recipe %s (%s): %s", cfg.recipe, run.recipe_reason, ", ".join(recipe_settings(cfg)))
 
 
 def recipe_reason(cfg: TrainConfig) -> str:
+    """Why a run gets its recipe, from its config before ``with_recipe`` fills it in."""
     if cfg.resume:
         return "the resumed run's"
-    if cfg.recipe != DEFAULT_RECIPE:
+    if cfg.recipe:
         return "--recipe"
-    return "the default: the best measured on the README demo so far; --recipe scratch or transfer for the stronger ones"
+    if cfg.weights.lower() == "none":
+        return ("the default from scratch (--weights none): the best measured training from random weights "
+                "(benchmarks/RESULTS.md); --recipe plain for light augmentation only")
+    return ("the default from pretrained weights: the best measured for transfer (benchmarks/RESULTS.md); "
+            "--recipe plain for light augmentation only")
 
 
 def recipe_settings(cfg: TrainConfig) -> list[str]:
