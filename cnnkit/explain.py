@@ -23,15 +23,12 @@ from .config import ExplainConfig
 from .data.folders import ImageDataset, expand_inputs
 from .data.transforms import model_view
 from .errors import ConfigError, OutputError, require_extra
-from .inference.cam import HeatMapper
+from .inference.cam import HeatMapper, caption
 from .inference.predictor import Predictor
 from .models.exported import is_onnx_file
 from .runtime import prepare_output_dir
 
 log = logging.getLogger(__name__)
-
-METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
-
 
 @dataclass(frozen=True)
 class Explanation:
@@ -73,7 +70,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     stems = _check_output(paths, cfg.output, cfg.force)
     predictor = Predictor(cfg.checkpoint, cfg.device, cfg.category_names, tta="none")  # (the heat map's one view)
     mapper = HeatMapper(predictor.model, predictor.checkpoint.arch, cfg.method)
-    target = _class_index(predictor, cfg.target) if cfg.target is not None else None
+    target = _target_index(predictor, cfg.target) if cfg.target is not None else None
     top_k = predictor.cap_top_k(cfg.top_k)
     images = ImageDataset(paths, predictor.transform, max_pixels=predictor.checkpoint.preprocess.max_pixels)
     rows: list[Explanation] = []
@@ -91,7 +88,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
         for class_index, class_heat in zip(chosen, heat):
             row = _explanation(predictor, path, order.index(class_index) + 1, class_index, float(probs[class_index]),
                                os.path.join(cfg.output, stem))
-            _write(row, view, class_heat, METHOD_NAMES[cfg.method])
+            _write(row, view, class_heat, cfg.method)
             rows.append(row)
     return ExplainResult(rows)
 
@@ -111,15 +108,11 @@ def _check_output(paths: list[str], folder: str, force: bool) -> list[str]:
     return stems
 
 
-def _class_index(predictor: Predictor, target: str) -> int:
-    """The index of ``--target``: a class label, or a class's human-readable name."""
-    if target in predictor.classes:
-        return predictor.classes.index(target)
-    by_name = [label for label in predictor.classes if predictor.names.get(label) == target]
-    if len(by_name) == 1:
-        return predictor.classes.index(by_name[0])
-    shown = ", ".join(predictor.classes[:20]) + (" ..." if len(predictor.classes) > 20 else "")
-    raise ConfigError(f"--target {target!r} is not a class of this checkpoint; its labels: {shown}")
+def _target_index(predictor: Predictor, target: str) -> int:
+    try:
+        return predictor.class_index(target)
+    except ConfigError as exc:
+        raise ConfigError(f"--target {exc}") from None
 
 
 def _explanation(predictor: Predictor, path: str, rank: int, index: int, probability: float,
@@ -132,10 +125,8 @@ def _explanation(predictor: Predictor, path: str, rank: int, index: int, probabi
 def _write(row: Explanation, view: Image.Image, heat: torch.Tensor, method: str) -> None:
     from . import plots
 
-    shown = row.name if row.name == row.label else f"{row.name} ({row.label})"
-    caption = f"{shown}  {row.probability:.1%}  {method}"
     try:
-        plots.explanation_png(view, heat.numpy(), caption, row.file)
+        plots.explanation_png(view, heat.numpy(), caption(row.label, row.name, row.probability, method), row.file)
     except OSError as exc:
         raise OutputError(f"cannot write {row.file}: {exc.strerror or exc}") from None
 

@@ -108,9 +108,21 @@ def heat_overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> I
 
 
 def explanation_png(image: Image.Image, heat: np.ndarray, caption: str, path: str, size: int = 300) -> None:
+    """:func:`explanation_picture` written beside ``path`` and renamed, so that no half-written
+    picture is left."""
+    canvas = explanation_picture(image, heat, caption, size)
+    tmp = f"{path}.tmp"
+    try:
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def explanation_picture(image: Image.Image, heat: np.ndarray, caption: str, size: int = 300) -> Image.Image:
     """``image`` and ``heat`` blended over it, side by side, each enlarged to ``size`` pixels on
-    its long side, with ``caption`` in a band under them; written beside ``path`` and renamed, so
-    that no half-written picture is left."""
+    its long side, with ``caption`` in a band under them."""
     scale = size / max(image.size)
     shape = (round(image.width * scale), round(image.height * scale))
     panels = [picture.resize(shape, Image.Resampling.BICUBIC) for picture in (image, heat_overlay(image, heat))]
@@ -126,13 +138,7 @@ def explanation_png(image: Image.Image, heat: np.ndarray, caption: str, path: st
     while len(caption) > 1 and draw.textlength(caption, font=font) > canvas.width - 12:
         caption = caption[:-2] + "…"
     draw.text((6, shape[1] + 5), caption, fill="black", font=font)
-    tmp = f"{path}.tmp"
-    try:
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return canvas
 
 
 # --- training (cnnkit train, cnnkit lr-find) -------------------------------------------------

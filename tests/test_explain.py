@@ -215,7 +215,7 @@ def test_target_names_a_class_by_label_or_name_whatever_its_rank(checkpoint, ima
     (row,) = result.rows
     assert (row.label, row.rank) == (last.label, 3) and row.probability == pytest.approx(last.probability, abs=1e-5)
     assert Path(row.file).name == f"first__3_{last.label}.png" and Path(row.file).is_file()
-    with pytest.raises(ConfigError, match="'nope' is not a class of this checkpoint; its labels: cat, dog, fox"):
+    with pytest.raises(ConfigError, match="--target 'nope' is not a class of this model; its labels: cat, dog, fox"):
         explain(ExplainConfig((str(images[0]),), str(checkpoint), str(tmp_path / "other"), target="nope", device="cpu"))
 
 

@@ -156,6 +156,8 @@ GOOD = [
     ("POST", "/predict", json.dumps({"image": _b64(image_bytes(4)), "top_k": 2}).encode(), "application/json"),
     ("POST", "/predict?top_k=9", json.dumps({"images": [_b64(image_bytes(5)), _b64(image_bytes(6))]}).encode(),
      "application/json"),
+    ("POST", "/explain?method=gradcam%2B%2B", *multipart([("image", "a.png", image_bytes(1))])),
+    ("POST", "/explain?class=dog", image_bytes(2), "image/png"),
 ]
 
 BAD = [  # (request, expected status)
@@ -169,6 +171,8 @@ BAD = [  # (request, expected status)
     (("POST", "/predict", b'{"image": ', "application/json"), 400),
     (("POST", "/predict", json.dumps({"image": _b64(b"text")}).encode(), "application/json"), 422),
     (("POST", "/predict?top_k=0", *multipart([("image", "a.png", image_bytes())])), 400),
+    (("POST", "/explain?class=wolf", *multipart([("image", "a.png", image_bytes())])), 400),
+    (("POST", "/explain", b"hello", "text/plain"), 415),
     # found by review, were 500s: JSON nested past Python's recursion limit, an integer of over
     # 4300 digits (json.loads raises RecursionError / a plain ValueError for those)
     (("POST", "/predict", b"[" * 50_000 + b"]" * 50_000, "application/json"), 400),
@@ -258,7 +262,7 @@ def test_the_generated_requests_reached_every_operation_and_the_model(request):
     assert per_operation["POST /predict"] >= min(50, _budget(1.0)), dict(per_operation)
     assert GENERATED[("POST /predict", 200)] > 0  # the documented examples reach the model
     admin = {"POST /admin/reload", "POST /admin/promote", "POST /admin/rollback"}
-    assert {"GET /health", "GET /ready", "GET /metadata", *admin} <= set(per_operation), dict(per_operation)
+    assert {"GET /health", "GET /ready", "GET /metadata", "POST /explain", *admin} <= set(per_operation), dict(per_operation)
     assert GENERATED[("POST /admin/reload", 200)] > 0 and GENERATED[("POST /admin/reload", 422)] > 0
     # (this server has no canary or shadow: there is nothing to promote or roll back)
     assert GENERATED[("POST /admin/promote", 409)] > 0 and GENERATED[("POST /admin/rollback", 409)] > 0

@@ -26,6 +26,15 @@ from ..errors import ConfigError, require_extra
 from ..models.build import cam_layer, head_module
 
 
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}  # EXPLAIN_METHODS as pictures name them
+
+
+def caption(label: str, name: str, probability: float, method: str) -> str:
+    """The line under an explanation picture: the class, its probability and the method."""
+    shown = name if name == label else f"{name} ({label})"
+    return f"{shown}  {probability:.1%}  {METHOD_NAMES[method]}"
+
+
 def grad_cam_pp(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
     """Grad-CAM++ maps (N, 1, h, w) from a layer's activations and the score's gradients, both
     (N, K, h, w): alpha = g² / (2g² + ΣA·g³) per position (0 where that is 0/0), channel weights

@@ -136,6 +136,17 @@ class Predictor:
                      "%s abstains on confidence alone", "this export" if self.backend is not None else "this model")
         return self.abstain_threshold(), False
 
+    def class_index(self, target: str) -> int:
+        """The index of a class given by its label or, where one class has it, its readable name;
+        ConfigError listing the labels otherwise."""
+        if target in self.classes:
+            return self.classes.index(target)
+        by_name = [label for label in self.classes if self.names.get(label) == target]
+        if len(by_name) == 1:
+            return self.classes.index(by_name[0])
+        shown = ", ".join(self.classes[:20]) + (" ..." if len(self.classes) > 20 else "")
+        raise ConfigError(f"{target!r} is not a class of this model; its labels: {shown}")
+
     def cap_top_k(self, top_k: int) -> int:
         """``top_k`` capped at the number of classes (with a warning when it was more)."""
         if top_k > len(self.classes):

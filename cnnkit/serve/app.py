@@ -20,11 +20,13 @@ from ..errors import require_extra
 from .auth import REALM, ApiKeys
 from .page import page
 from .parsing import (
+    EXPLAIN_PATH,
     PREDICT_PATHS,
     TEST_FAULT_HEADER,
     HttpError,
     error_body,
     parse_candidate_request,
+    parse_explain_request,
     parse_invocations_request,
     parse_predict_request,
     parse_reload_request,
@@ -33,7 +35,7 @@ from .service import ModelService
 
 request_log = logging.getLogger("cnnkit.serve.requests")
 ADMIN_PREFIX = "/admin/"
-PROTECTED_PATHS = (*PREDICT_PATHS, "/metadata")  # with --api-key-file (and /admin/*; /metrics with --protect-metrics)
+PROTECTED_PATHS = (*PREDICT_PATHS, EXPLAIN_PATH, "/metadata")  # with --api-key-file (and /admin/*; /metrics with --protect-metrics)
 
 
 def authenticate(keys: ApiKeys | None, cfg: ServeConfig, path: str, authorization: str | None) -> str | None:
@@ -180,7 +182,7 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
         line = json.dumps(record, ensure_ascii=False)
         if response.status_code >= 500 and request.path not in ("/ready", "/ping"):
             request_log.error(line)
-        elif request.path in PREDICT_PATHS or response.status_code >= 400:
+        elif request.path in (*PREDICT_PATHS, EXPLAIN_PATH) or response.status_code >= 400:
             request_log.info(line)
         else:
             request_log.debug(line)
@@ -207,6 +209,17 @@ def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = 
     def invocations() -> Response:
         """SageMaker's inference contract: /predict, plus a raw image body (image/*, application/x-image)."""
         return scored(parse_invocations_request)
+
+    @app.post(EXPLAIN_PATH)
+    def explain() -> Response:
+        """A Grad-CAM picture (PNG) of the primary model's evidence for a class of one image."""
+        data, target, method = parse_explain_request(request, cfg)
+        g.images = 1
+        explained = service.explain(data, target, method, g.started)
+        g.model_version = explained.version
+        response = Response(explained.png, content_type="image/png")
+        response.headers.update(explained.headers())
+        return response
 
     @app.post("/admin/reload")
     def reload() -> Response:

@@ -13,7 +13,7 @@ import binascii
 import json
 from typing import Any, Callable
 
-from ..config import ServeConfig
+from ..config import EXPLAIN_METHODS, ServeConfig
 
 # The test hook's header (see :mod:`cnnkit.serve`): with CNNKIT_SERVE_TEST_HOOKS=1, a request
 # carrying ``X-Cnnkit-Test-Fault: model`` makes the model raise while scoring it.
@@ -28,6 +28,7 @@ class RequestTimeout(TimeoutError):
 
 
 PREDICT_PATHS = ("/predict", "/invocations")  # /invocations is SageMaker's name for /predict
+EXPLAIN_PATH = "/explain"
 
 
 class HttpError(Exception):
@@ -200,6 +201,22 @@ def parse_predict_request(request: Any, cfg: ServeConfig, query_k: str | None = 
     raw = ", or the image itself as image/jpeg, image/png, ... or application/x-image" if raw_allowed else ""
     raise HttpError(415, f"unsupported content type {shown}: send multipart/form-data with an 'image' "
                          f"file field, or application/json with a base64 'image' or 'images'{raw}")
+
+
+def parse_explain_request(request: Any, cfg: ServeConfig) -> tuple[bytes, str | None, str]:
+    """``POST /explain``'s ``(image bytes, class or None, method)``: one image, sent as
+    ``/invocations`` takes it (multipart, JSON base64 or the raw body), with the class (a label
+    or a name; default: the top class) and the method in the query string; or HttpError."""
+    method = request.args.get("method", "gradcam")
+    if method not in EXPLAIN_METHODS:  # (before the body: a bad query costs no upload)
+        raise HttpError(400, f"method must be one of {', '.join(EXPLAIN_METHODS)}, got {method!r}")
+    target = request.args.get("class")
+    if target is not None and not target.strip():
+        raise HttpError(400, "class must be a class label or name (or left out: the top class)")
+    blobs, _ = parse_invocations_request(request, cfg)
+    if len(blobs) != 1:
+        raise HttpError(400, f"{EXPLAIN_PATH} takes one image, got {len(blobs)}")
+    return blobs[0][1], target, method
 
 
 def _admin_body(request: Any, cfg: ServeConfig, fields: set[str], shape: str) -> dict[str, Any]:

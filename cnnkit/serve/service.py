@@ -24,6 +24,7 @@ from ..errors import ImageError
 from ..runtime import release_memory
 from .admission import Admission
 from .batcher import MicroBatcher
+from .explainer import Explained, Explainer
 from .metrics import Metrics
 from .model import ServedModel
 from .parsing import PREDICT_PATHS, TEST_FAULT_HEADER, HttpError, which_image
@@ -72,6 +73,7 @@ class ModelService:
         self._drift_updated = 0.0
         self._drift_reported = False
         self._drift_lock = threading.Lock()
+        self.explainer = Explainer()
         self.batcher = batcher(self._score, cfg.max_batch, cfg.max_wait_ms, on_batch=self._on_batch,
                                warmup=self._warm_up, background=self.shadow).start()
 
@@ -183,6 +185,17 @@ class ModelService:
             self.shadow.offer(shadow, model, blobs, batch, model.unknown_flags(scored)[0].argmax(dim=1).tolist())
             self.batcher.nudge()
         return answer
+
+    # -- /explain --
+
+    def explain(self, data: bytes, target: str | None, method: str, started: float) -> Explained:
+        """``POST /explain``: the primary model's Grad-CAM picture of one image for a class (see
+        :class:`Explainer`), or HttpError. The image counts against the worker's ``max_queue``."""
+        model = self.model
+        with self.admission.admit(1):
+            image = self.prepare([(None, data)], model)[0]
+            return self.explainer.explain(model, image, target, method,
+                                          self.cfg.timeout - (time.perf_counter() - started))
 
     def prepare(self, blobs: Sequence[tuple[str | None, bytes]], model: ServedModel | None = None) -> torch.Tensor:
         """Decode and preprocess request images (in the request's thread) into one batch."""
