@@ -414,10 +414,22 @@ def explain(gpu: bool, device: str, **options: Any) -> None:
 @main.command("inspect", epilog=EXIT_CODES_HELP)
 @click.argument("data_dir", type=click.Path())
 @click.option("--phash-distance", type=int, default=6, show_default=True, help="Near-duplicates: images whose 64-bit perceptual hashes differ in at most this many bits (0: identical hashes only).")
-@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Folder for inspect.json (the whole report) and pairs.csv (the duplicate pairs).")
-@click.option("--force", is_flag=True, help="Overwrite inspect.json and pairs.csv in --output.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Folder for inspect.json (the whole report), pairs.csv (the duplicate pairs), inspect.html, and label_issues.csv and .png.")
+@click.option("--force", is_flag=True, help="Overwrite those files in --output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the summary.")
-def inspect_command(as_json: bool, **options: Any) -> None:
+@click.option("--label-issues", is_flag=True, help="Also rank the images whose label looks wrong (needs the 'labels' extra and a backbone: --checkpoint, or --arch and --weights).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="With --label-issues: the backbone and preprocessing of this cnnkit checkpoint.")
+@click.option("--arch", default=None, help="With --label-issues: a torchvision backbone instead (with --weights).")
+@click.option("--weights", default=None, help="--arch's weights, as in cnnkit train: DEFAULT, a weights name, a .pth file or cnnkit checkpoint, or none.")
+@click.option("--image-size", type=int, default=None, help="With --arch: the input crop [default: the architecture's, usually 224].")
+@click.option("--folds", type=int, default=5, show_default=True, help="Out-of-fold heads (stratified; fewer when a class has fewer images).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The folds' shuffle.")
+@names_option
+@_scoring_options
+@device_option
+@gpu_option
+@progress_option
+def inspect_command(as_json: bool, gpu: bool, device: str, progress: bool | None, **options: Any) -> None:
     """What is in DATA_DIR (train/, valid/ or val/, test/ folders of class folders, or one folder
     of class folders): images per split and class, imbalance, sizes and colour modes, unreadable,
     tiny and elongated images, and duplicates.
@@ -427,14 +439,20 @@ def inspect_command(as_json: bool, **options: Any) -> None:
     splits is a leak, under two labels a label conflict: either makes the exit code 10, so that
     a pipeline can stop on it. Needs the 'inspect' extra (imagehash).
 
+    With --label-issues, the images whose folder label looks wrong, most suspicious first, with the
+    label suggested: cleanlab's confident learning on out-of-fold probabilities of k-fold logistic
+    regressions on a frozen backbone's features (one forward pass per image). Suspects do not
+    change the exit code.
+
     \b
     Examples:
       cnnkit inspect data/flowers-mini
       cnnkit inspect photos/ --output inspect-report/ --phash-distance 4
+      cnnkit inspect data/flowers-mini --label-issues --checkpoint checkpoints/best.pt -o report/
     """
     from .config import InspectConfig
 
-    cfg = InspectConfig(**options)
+    cfg = InspectConfig(device=_device(device, gpu), progress=_progress(progress), **options)
     from .inspect_data import format_summary, inspect_data
 
     result = inspect_data(cfg)

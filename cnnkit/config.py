@@ -418,14 +418,43 @@ class InspectConfig(Serializable):
 
     data_dir: str
     phash_distance: int = 6  # near-duplicates: at most this many of the 64 pHash bits differ
-    output: str | None = None  # a folder for inspect.json and pairs.csv
+    output: str | None = None  # a folder for inspect.json, pairs.csv, inspect.html (and label_issues.*)
     force: bool = False  # overwrite them
+    # Label issues (cnnkit.label_issues): out-of-fold probabilities of k-fold logistic-regression
+    # heads on a frozen backbone's features, fed to cleanlab. The backbone: a checkpoint's (with its
+    # preprocessing), or a torchvision arch with weights (DEFAULT, a name, a file, none).
+    label_issues: bool = False
+    checkpoint: str | None = None
+    arch: str | None = None
+    weights: str | None = None
+    image_size: int | None = None  # with arch: the crop; None: the architecture's
+    folds: int = 5  # fewer when a class has fewer readable images
+    seed: int = 0  # the folds' shuffle
+    category_names: str | None = None  # label → name for the summary, gallery and page
+    batch_size: int | None = None  # None: cnnkit.inference.predictor.scoring_defaults
+    workers: int | None = None
+    device: str = "auto"
+    progress: bool = True
 
     def __post_init__(self) -> None:
         _check(bool(self.data_dir), "give DATA_DIR, a folder of class folders (or of train/, valid/, test/)")
         _check(0 <= self.phash_distance <= 32,
                f"--phash-distance must be 0 to 32 (of the 64 bits; 0: identical hashes only), got {self.phash_distance}")
         _check(self.output is None or bool(self.output), "--output must not be empty")
+        given = [flag for flag, value in (("--checkpoint", self.checkpoint), ("--arch", self.arch), ("--weights", self.weights),
+                                          ("--image-size", self.image_size), ("--category-names", self.category_names))
+                 if value is not None]
+        _check(self.label_issues or not given, f"{', '.join(given)}: only used with --label-issues; add it, or drop them")
+        _check(not self.label_issues or bool(self.checkpoint or self.arch or self.weights),
+               "--label-issues needs a backbone: --checkpoint CKPT, or --arch ARCH and --weights W "
+               "(DEFAULT, a weights name, a .pth file, or none)")
+        _check(not (self.checkpoint and (self.arch or self.weights or self.image_size)),
+               "--checkpoint brings its own backbone and preprocessing: drop --arch, --weights and --image-size")
+        _check(self.checkpoint is not None or bool(self.arch) == bool(self.weights),
+               "--arch and --weights go together: the architecture, and DEFAULT, a weights name, a .pth file or none")
+        _check(self.image_size is None or self.image_size >= 16, f"--image-size must be at least 16 pixels, got {self.image_size}")
+        _check(self.folds >= 2, f"--folds must be at least 2, got {self.folds}")
+        _check_common(self.batch_size, self.workers, self.device)
 
 
 SERVE_HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")

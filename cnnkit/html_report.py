@@ -260,17 +260,18 @@ def _calibration_section(report: dict[str, Any], folder: str) -> Markup:
 
 
 def _pair_side(side: dict[str, str]) -> Markup:
-    uri = thumbnail_uri(side["path"])
-    picture = image(uri, side["path"], "thumb") if uri else Markup("(cannot be read now)")
-    return Markup(f"{picture}<br>{esc(side['split'])} / {esc(side['label'])}<br>{path_text(side['path'])}")
+    return Markup(f"{_thumbnail(side['path'])}<br>{esc(side['split'])} / {esc(side['label'])}<br>{path_text(side['path'])}")
 
 
-def inspection_page(report: dict[str, Any]) -> str:
-    """inspect.html of ``inspect --output``: ``report`` is inspect.json's dict."""
+def inspection_page(report: dict[str, Any], folder: str | None = None) -> str:
+    """inspect.html of ``inspect --output``: ``report`` is inspect.json's dict, ``folder`` holds its
+    label_issues.png when there are label issues."""
     splits, dup = report["splits"], report["duplicates"]
     headline = [("images", str(report["images"])), ("splits", ", ".join(splits)),
                 ("exact pairs", str(dup["exact_pairs"])), ("near pairs", str(dup["near_pairs"])),
                 ("leaks (across splits)", str(dup["across_splits"])), ("label conflicts", str(dup["label_conflicts"]))]
+    if "label_issues" in report:
+        headline.append(("label issues", str(report["label_issues"]["issues"])))
     sections = [Markup(f'<div id="headline">{cards(headline)}</div>')]
     labels = sorted({label for s in splits.values() for label in s["classes"]})
     counts = table(["class", *splits], ([label, *(s["classes"].get(label) for s in splits.values())]
@@ -293,7 +294,34 @@ def inspection_page(report: dict[str, Any]) -> str:
         more = f"<p>{len(pairs) - MAX_PAIRS} more pairs in pairs.csv.</p>" if len(pairs) > MAX_PAIRS else ""
         sections.append(section("Duplicate pairs", table(["kind", "bits apart", "leak", "label conflict", "a", "b"], rows),
                                 Markup(more)))
+    if "label_issues" in report:
+        sections.append(_label_issues_section(report["label_issues"], folder))
     return page("cnnkit inspect", f"{report['data_dir']}: pHash distance {report['phash_distance']} bits", sections)
+
+
+def _label_issues_section(found: dict[str, Any], folder: str | None) -> Markup:
+    """The suspects of ``inspect --label-issues``: how they were found, the gallery, and a table
+    (a thumbnail a row) of the first MAX_PAIRS."""
+    names, suspects = found["names"], found["suspects"]
+
+    def name(label: str) -> str:
+        return f"{names[label]} ({label})" if label in names else label
+
+    how = (f"{found['issues']} of {found['images']} images: cleanlab's confident learning on out-of-fold probabilities "
+           f"of {found['folds']}-fold logistic-regression heads on the features of {found['backbone']} (out-of-fold accuracy "
+           f"{found['out_of_fold_accuracy']:.1%}); most suspicious first.")
+    rows = ([s["rank"], _thumbnail(s["path"]), name(s["given"]), s["p_given"], name(s["suggested"]), s["p_suggested"],
+             s["split"], path_text(s["path"])] for s in suspects[:MAX_PAIRS])
+    more = f"<p>{len(suspects) - MAX_PAIRS} more in label_issues.csv.</p>" if len(suspects) > MAX_PAIRS else ""
+    gallery = _figure(folder, "label_issues.png", "the most suspicious images") if folder and suspects else Markup("")
+    listed = table(["rank", "image", "given", "p(given)", "suggested", "p(suggested)", "split", "file"], rows,
+                   sortable=True, ident="label-issues") if suspects else Markup("")
+    return section("Label issues", Markup(f"<p>{esc(how)}</p>"), gallery, listed, Markup(more))
+
+
+def _thumbnail(path: str) -> Markup:
+    uri = thumbnail_uri(path)
+    return image(uri, path, "thumb") if uri else Markup("(cannot be read now)")
 
 
 def _spread(spread: dict[str, float] | None) -> str:

@@ -5,7 +5,8 @@ the reasons ``predict`` gives), tiny and very elongated images. Duplicates: the 
 (SHA-256 of the file) or a near-identical picture (imagehash's 64-bit perceptual hash, at most
 ``phash_distance`` bits apart: a re-encoded or slightly resized copy), within a split and across
 splits. The same picture in two splits is a leak (evaluation sees what training saw); under two
-labels, a label conflict. Needs the 'inspect' extra (imagehash).
+labels, a label conflict. Needs the 'inspect' extra (imagehash). With ``label_issues``, also the
+images whose label looks wrong (cnnkit.label_issues: a frozen backbone, k-fold heads, cleanlab).
 
 (Not ``inspect.py``: a module of that name shadows the standard library's in some tools.)
 """
@@ -27,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from . import html_report
+from . import html_report, label_issues
 from .config import InspectConfig
 from .data.folders import walk_images
 from .data.transforms import load_image
@@ -78,8 +79,9 @@ class InspectResult:
 def inspect_data(cfg: InspectConfig) -> InspectResult:
     """Read every image of ``cfg.data_dir``, build the report, and write it where asked."""
     require_extra("inspect", "imagehash")
+    backbone = label_issues.load_backbone(cfg) if cfg.label_issues else None  # a bad one fails before the reading
     if cfg.output:
-        prepare_output_dir(cfg.output, list(REPORT_FILES), cfg.force)
+        prepare_output_dir(cfg.output, [*REPORT_FILES, *(label_issues.FILES if backbone else ())], cfg.force)
     layout = find_splits(cfg.data_dir)
     records = [read_image(path, split, label)
                for split, classes in layout.items() for label, paths in classes.items() for path in paths]
@@ -102,6 +104,9 @@ def inspect_data(cfg: InspectConfig) -> InspectResult:
         },
         "pairs": pairs,
     }
+    if backbone is not None:
+        readable = [(r.path, r.split, r.label) for r in records if r.error is None]
+        report["label_issues"] = label_issues.find_label_issues(backbone, readable, cfg)
     result = InspectResult(report)
     if cfg.output:
         result.files = write_report(report, cfg.output)
@@ -226,8 +231,8 @@ def _spread(values: list[int]) -> dict[str, float] | None:
 
 
 def write_report(report: dict[str, Any], folder: str) -> list[str]:
-    """inspect.json (the whole report), pairs.csv (one duplicate pair a row) and inspect.html (a
-    page of both, with thumbnails of the pairs); their paths."""
+    """inspect.json (the whole report), pairs.csv (one duplicate pair a row), with label issues
+    label_issues.csv and .png, and inspect.html (a page of all, with thumbnails); their paths."""
     json_path, csv_path, html_path = (os.path.join(folder, name) for name in REPORT_FILES)
     try:
         # surrogateescape: a file name that is not UTF-8 is written as its own bytes, as predict does
@@ -242,7 +247,10 @@ def write_report(report: dict[str, Any], folder: str) -> list[str]:
                                  *p["a"].values(), *p["b"].values()])
     except OSError as exc:
         raise OutputError(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
-    return [json_path, csv_path, html_report.write_page(html_path, html_report.inspection_page(report))]
+    written = [json_path, csv_path]
+    if "label_issues" in report:
+        written += label_issues.write_files(report["label_issues"], folder)
+    return [*written, html_report.write_page(html_path, html_report.inspection_page(report, folder))]
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -279,6 +287,8 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  {how}: {p['a']['path']} ~ {p['b']['path']}" + (f"  [{', '.join(notes)}]" if notes else ""))
     if len(report["pairs"]) > SHOWN:
         lines.append(f"  ... {len(report['pairs']) - SHOWN} more (all in --json and --output's pairs.csv)")
+    if "label_issues" in report:
+        lines += ["", *label_issues.format_section(report["label_issues"], SHOWN)]
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -77,23 +77,42 @@ def gallery_png(
     """The most confidently wrong images, each titled with its true and predicted names; an
     image with an entry in ``overlays`` (path → its heat map over the image as the model saw it)
     is shown as that."""
-    rows = -(-len(wrong) // columns)
+    _tiles(wrong, lambda item: (f"true: {names.get(item['true'], item['true'])}\n"
+                                f"predicted: {names.get(item['predicted'], item['predicted'])} ({item['confidence']:.0%})"),
+           "Most confidently wrong" + (" (heat map: Grad-CAM of the predicted class)" if overlays else ""),
+           path, columns, overlays)
+
+
+def label_issues_png(suspects: Sequence[dict[str, Any]], names: dict[str, str], path: str, columns: int = 4) -> None:
+    """The suspected label issues of ``cnnkit inspect --label-issues``, most suspicious first,
+    each titled with its rank and file, the label it was given and the one suggested (with the
+    suggested label's out-of-fold probability)."""
+
+    def caption(s: dict[str, Any]) -> str:
+        file = os.path.basename(s["path"])
+        return (f"#{s['rank']} {file if len(file) <= 30 else file[:29] + '…'}\n"
+                f"given: {names.get(s['given'], s['given'])}\n"
+                f"suggested: {names.get(s['suggested'], s['suggested'])} (p={s['p_suggested']:.2f})")
+
+    _tiles(suspects, caption, "Suspected label issues", path, min(columns, max(1, len(suspects))))
+
+
+def _tiles(items: Sequence[dict[str, Any]], caption: Callable[[dict[str, Any]], str], title: str, path: str,
+           columns: int, overlays: dict[str, Image.Image] | None = None) -> None:
+    """A grid of the images of ``items`` (their ``path``), each titled ``caption(item)``."""
+    rows = -(-len(items) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, item in zip(axes.flat, wrong):
+    for ax, item in zip(axes.flat, items):
         try:
             image = (overlays or {}).get(item["path"]) or load_image(item["path"])
             image.thumbnail((256, 256))
             ax.imshow(image)
         except ImageError:  # a file gone or changed since it was scored leaves a blank tile
             pass
-        ax.set_title(
-            f"true: {names.get(item['true'], item['true'])}\n"
-            f"predicted: {names.get(item['predicted'], item['predicted'])} ({item['confidence']:.0%})",
-            fontsize=9,
-        )
-    fig.suptitle("Most confidently wrong" + (" (heat map: Grad-CAM of the predicted class)" if overlays else ""))
+        ax.set_title(caption(item), fontsize=9)
+    fig.suptitle(title)
     _save(fig, path)
 
 

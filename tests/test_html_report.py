@@ -102,20 +102,25 @@ def test_a_figure_that_was_not_drawn_is_left_out(report_folder):
     assert len(data_uris(evaluation_page(report, str(folder)))) == 2
 
 
+def inspection_report(folder: Path, pairs: list[dict]) -> dict:
+    """inspect.json's dict for two 300x200 images in train/ (a cat, and a hostile class folder)."""
+    split = {"images": 2, "classes": {HOSTILE_FOLDER: 1, "cat": 1}, "empty_classes": [], "imbalance": 1.0,
+             "width": {"min": 300, "median": 300, "max": 300}, "height": {"min": 200, "median": 200, "max": 200},
+             "modes": {"RGB": 2}, "unreadable": [], "tiny": [], "extreme_aspect": []}
+    return {"data_dir": str(folder), "phash_distance": 4, "images": 2, "splits": {"train": split},
+            "duplicates": {"exact_pairs": len(pairs), "near_pairs": 0, "within_split": len(pairs), "across_splits": 0,
+                           "label_conflicts": len(pairs)},
+            "pairs": pairs}
+
+
 def test_the_inspection_page_shows_both_images_of_a_pair_as_small_thumbnails(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / f"{HOSTILE_FOLDER}.png"
     Image.new("RGB", (300, 200), "blue").save(a)
     shutil.copy(a, b)
-    split = {"images": 2, "classes": {HOSTILE_FOLDER: 1, "cat": 1}, "empty_classes": [], "imbalance": 1.0,
-             "width": {"min": 300, "median": 300, "max": 300}, "height": {"min": 200, "median": 200, "max": 200},
-             "modes": {"RGB": 2}, "unreadable": [], "tiny": [], "extreme_aspect": []}
     side = {"split": "train"}
-    report = {"data_dir": str(tmp_path), "phash_distance": 4, "images": 2, "splits": {"train": split},
-              "duplicates": {"exact_pairs": 1, "near_pairs": 0, "within_split": 1, "across_splits": 0,
-                             "label_conflicts": 1},
-              "pairs": [{"kind": "exact", "distance": 0, "across_splits": False, "label_conflict": True,
-                         "a": {**side, "path": str(a), "label": "cat"},
-                         "b": {**side, "path": str(b), "label": HOSTILE_FOLDER}}]}
+    report = inspection_report(tmp_path, [{"kind": "exact", "distance": 0, "across_splits": False, "label_conflict": True,
+                                           "a": {**side, "path": str(a), "label": "cat"},
+                                           "b": {**side, "path": str(b), "label": HOSTILE_FOLDER}}])
     page = inspection_page(report)
     assert_page_is_self_contained(page)
     thumbnails = data_uris(page)
@@ -124,6 +129,34 @@ def test_the_inspection_page_shows_both_images_of_a_pair_as_small_thumbnails(tmp
         assert kind == "jpeg" and max(Image.open(io.BytesIO(data)).size) == THUMBNAIL
     assert "onerror=alert(1)&gt;" in page and "<img src=x" not in page
     assert '<table id="counts" class="sortable">' in page
+
+
+def label_issues_report(folder: Path) -> dict:
+    """An inspection with two suspected label issues (one given a hostile class folder's label, one
+    with a category name) and its label_issues.png."""
+    a, b = folder / "a.png", folder / "b.png"
+    Image.new("RGB", (300, 200), "blue").save(a)
+    Image.new("RGB", (200, 300), "red").save(b)
+    tiny_png(folder / "label_issues.png")
+    suspects = [{"rank": 1, "path": str(a), "split": "train", "given": HOSTILE_FOLDER, "suggested": "cat",
+                 "p_given": 0.02, "p_suggested": 0.97},
+                {"rank": 2, "path": str(b), "split": "train", "given": "cat", "suggested": HOSTILE_FOLDER,
+                 "p_given": 0.11, "p_suggested": 0.85}]
+    found = {"backbone": "resnet18 (weights DEFAULT)", "images": 2, "classes": ["cat", HOSTILE_FOLDER],
+             "names": {"cat": HOSTILE_NAME}, "folds": 2, "seed": 0, "out_of_fold_accuracy": 0.5, "issues": 2,
+             "suspects": suspects}
+    return {**inspection_report(folder, []), "label_issues": found}
+
+
+def test_the_label_issues_section_embeds_the_gallery_and_a_thumbnail_a_suspect(tmp_path):
+    report = label_issues_report(tmp_path)
+    page = inspection_page(report, str(tmp_path))
+    assert_page_is_self_contained(page)
+    assert [kind for kind, _ in data_uris(page)] == ["png", "jpeg", "jpeg"]
+    assert "<h2>Label issues</h2>" in page and '<table id="label-issues" class="sortable">' in page
+    assert HOSTILE_NAME not in page and "<img src=x" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; (cat)" in page
+    (tmp_path / "label_issues.png").unlink()  # not drawn (no matplotlib): the table stays
+    assert [kind for kind, _ in data_uris(inspection_page(report, str(tmp_path)))] == ["jpeg", "jpeg"]
 
 
 # --- as a user runs them --------------------------------------------------------------------
@@ -242,3 +275,20 @@ def test_the_inspection_in_a_browser(browser, reports, tmp_path):
     labels = column(browser, "counts", 0)
     assert labels == sorted(labels, reverse=True) and len(labels) == 3
     browser.save_screenshot(str(tmp_path / "inspect-html.png"))
+
+
+def test_the_label_issues_in_a_browser(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    path = tmp_path / "inspect.html"
+    path.write_text(inspection_page(label_issues_report(tmp_path), str(tmp_path)), encoding="utf-8")
+    browser.get(path.as_uri())
+    assert_rendered(browser)
+    assert "label issues" in browser.find_element(By.ID, "headline").text
+    assert HOSTILE_NAME in browser.find_element(By.ID, "label-issues").text  # shown as text, not run
+    headers = browser.find_elements(By.CSS_SELECTOR, "#label-issues th")
+    headers[3].click()
+    headers[3].click()  # p(given), descending
+    assert column(browser, "label-issues", 3) == ["0.1100", "0.0200"]
+    assert not severe_console_entries(browser)
+    browser.save_screenshot(str(tmp_path / "label-issues-html.png"))

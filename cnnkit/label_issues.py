@@ -1,0 +1,202 @@
+"""Label issues: images whose folder label the rest of the data set disagrees with.
+
+Confident learning (Northcutt et al., cleanlab's ``find_label_issues``) needs out-of-fold
+predicted probabilities: for each image, a model's class probabilities from a model that never
+saw it. Here that model is cheap: the penultimate features of a frozen backbone (a cnnkit
+checkpoint's, with its stored preprocessing, or a torchvision architecture with ``--weights``)
+are computed once per image, with the eval preprocessing only, and k logistic-regression heads
+(standardised features, stratified seeded folds) are fitted on them, each scoring the fold it
+left out. Minutes for thousands of images on a CPU: the backbone's one forward pass per image
+dominates. Needs the 'labels' extra (cleanlab, which brings scikit-learn).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from torch import nn
+
+from .config import InspectConfig, PreprocessConfig
+from .data.features import compute_features
+from .data.folders import load_category_names
+from .data.transforms import resolve_preprocess
+from .distributed import DistContext
+from .errors import DataError, OutputError, require_extra
+from .inference.predictor import scoring_defaults
+from .models.build import build_model
+from .models.checkpoint import load_checkpoint
+from .runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+FILES = ("label_issues.csv", "label_issues.png")  # beside inspect.json
+GALLERY = 12  # suspects shown in label_issues.png (all of them are in the CSV and the JSON)
+CSV_COLUMNS = ["rank", "path", "split", "given", "given_name", "suggested", "suggested_name", "p_given", "p_suggested"]
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor and what its features need: the eval preprocessing, the width
+    of the features (what its classifier head receives), default class names."""
+
+    model: nn.Module
+    arch: str
+    preprocess: PreprocessConfig
+    in_features: int
+    names: dict[str, str]
+    source: str  # what it is, for the report
+
+
+def load_backbone(cfg: InspectConfig) -> Backbone:
+    """The backbone ``cfg`` names, on its device, in eval mode; raises the one-line errors of a bad
+    checkpoint, architecture or weights before any image is read."""
+    require_extra("labels", "cleanlab")
+    device = resolve_device(cfg.device)
+    if cfg.checkpoint:
+        ckpt = load_checkpoint(cfg.checkpoint)
+        model = ckpt.build_model(device)
+        return Backbone(model, ckpt.arch, ckpt.preprocess, ckpt.head.in_features, dict(ckpt.class_names),
+                        f"{ckpt.arch} (checkpoint {cfg.checkpoint})")
+    model, head = build_model(str(cfg.arch), 2, cfg.weights, hidden_units=0)  # the head is never used
+    return Backbone(model.to(device).eval(), str(cfg.arch), resolve_preprocess(str(cfg.arch), cfg.image_size),
+                    head.in_features, {}, f"{cfg.arch} (weights {cfg.weights})")
+
+
+def find_label_issues(backbone: Backbone, images: Sequence[tuple[str, str, str]], cfg: InspectConfig) -> dict[str, Any]:
+    """The report's ``label_issues`` section for ``images``, readable ``(path, split, label)``
+    triples: the suspects ranked most suspicious first (the given label's out-of-fold probability,
+    lowest first), each with the suggested label (the most probable one)."""
+    classes = sorted({label for _, _, label in images})
+    if len(classes) < 2:
+        raise DataError(f"--label-issues needs at least 2 classes with readable images, found {len(classes)}")
+    index = {label: i for i, label in enumerate(classes)}
+    labels = np.array([index[label] for _, _, label in images])
+    counts = np.bincount(labels, minlength=len(classes))
+    folds = choose_folds(cfg.folds, classes, counts)
+    names = load_category_names(cfg.category_names, classes) if cfg.category_names else backbone.names
+
+    started = time.perf_counter()
+    features = extract_features(backbone, [path for path, _, _ in images], cfg)
+    featured = time.perf_counter()
+    probs = out_of_fold_probabilities(features, labels, len(classes), folds, cfg.seed)
+    log.info("label issues: features of %d images in %.1fs (%s), %d-fold heads in %.1fs", len(images),
+             featured - started, backbone.source, folds, time.perf_counter() - featured)
+
+    import cleanlab.filter
+
+    ranked = cleanlab.filter.find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+    suggested = probs.argmax(axis=1)
+    suspects = [{
+        "rank": rank,
+        "path": images[i][0],
+        "split": images[i][1],
+        "given": classes[labels[i]],
+        "suggested": classes[suggested[i]],
+        "p_given": round(float(probs[i, labels[i]]), 4),
+        "p_suggested": round(float(probs[i, suggested[i]]), 4),
+    } for rank, i in enumerate(ranked.tolist(), start=1)]
+    return {
+        "backbone": backbone.source,
+        "images": len(images),
+        "classes": classes,
+        "names": {label: names[label] for label in classes if names.get(label, label) != label},
+        "folds": folds,
+        "seed": cfg.seed,
+        "out_of_fold_accuracy": round(float((suggested == labels).mean()), 4),
+        "issues": len(suspects),
+        "suspects": suspects,
+    }
+
+
+def choose_folds(folds: int, classes: Sequence[str], counts: np.ndarray) -> int:
+    """``folds``, or fewer when the smallest class has fewer images (every fold must hold one of
+    each class out and still train on one); a class with a single image is an error."""
+    smallest = int(counts.min())
+    if smallest < 2:
+        rare = ", ".join(c for c, n in zip(classes, counts) if n < 2)
+        raise DataError(f"--label-issues needs at least 2 readable images in every class; {rare} "
+                        "has fewer: add images to it, or move its folder out of DATA_DIR")
+    if smallest < folds:
+        rare = classes[int(counts.argmin())]
+        log.warning("class %s has only %d readable images: using %d folds instead of %d", rare, smallest, smallest, folds)
+    return min(folds, smallest)
+
+
+def extract_features(backbone: Backbone, paths: Sequence[str], cfg: InspectConfig) -> np.ndarray:
+    """(N, D) float32: each image's backbone features, eval preprocessing (data/features.py)."""
+    device = next(backbone.model.parameters()).device
+    batch_size, workers = scoring_defaults(device, cfg.batch_size, cfg.workers)
+    out = np.empty((len(paths), backbone.in_features), dtype=np.float32)
+    compute_features(backbone.model, backbone.arch, [(p, 0) for p in paths], backbone.preprocess, out,
+                     device=device, batch_size=batch_size, workers=workers, ctx=DistContext(device=device),
+                     progress=cfg.progress, desc="label-issue features")
+    return out
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int,
+                              seed: int) -> np.ndarray:
+    """(N, num_classes): each row predicted by a multinomial logistic regression (on standardised
+    features) fitted on the other folds of a stratified, seeded k-fold split."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probs = np.zeros((len(labels), num_classes))
+    splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(features, labels)
+    for fitted_on, held_out in splits:
+        head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        with warnings.catch_warnings():  # a head that stops short of convergence still ranks well
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            head.fit(features[fitted_on], labels[fitted_on])
+        probs[np.ix_(held_out, head.classes_)] = head.predict_proba(features[held_out])
+    return probs
+
+
+def write_files(section: dict[str, Any], folder: str) -> list[str]:
+    """label_issues.csv (every suspect) and label_issues.png (the first GALLERY, when matplotlib
+    is installed) in ``folder``; their paths."""
+    csv_path, png_path = (os.path.join(folder, name) for name in FILES)
+    names = section["names"]
+    try:
+        with open(csv_path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            writer = csv.DictWriter(handle, CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows({**s, "given_name": names.get(s["given"], s["given"]),
+                              "suggested_name": names.get(s["suggested"], s["suggested"])} for s in section["suspects"])
+        if not section["suspects"]:
+            return [csv_path]
+        try:
+            from .plots import label_issues_png
+        except ImportError:
+            log.warning("%s is not written: matplotlib is not installed (pip install 'cnnkit[plot]')", FILES[1])
+            return [csv_path]
+        label_issues_png(section["suspects"][:GALLERY], names, png_path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the label issues to {folder}: {exc.strerror or exc}") from None
+    return [csv_path, png_path]
+
+
+def format_section(section: dict[str, Any], shown: int) -> list[str]:
+    """The terminal summary's lines: the count and the first ``shown`` suspects."""
+    names = section["names"]
+
+    def name(label: str) -> str:
+        return f"{names[label]} ({label})" if label in names else label
+
+    lines = [f"label issues: {section['issues']} of {section['images']} images suspected (cleanlab on "
+             f"{section['folds']}-fold logistic regressions on the features of {section['backbone']}; "
+             f"out-of-fold accuracy {section['out_of_fold_accuracy']:.1%})"]
+    lines += [f"  {s['path']}: given {name(s['given'])} (p={s['p_given']:.2f}), suggested {name(s['suggested'])} "
+              f"(p={s['p_suggested']:.2f})" for s in section["suspects"][:shown]]
+    if section["issues"] > shown:
+        lines.append(f"  ... {section['issues'] - shown} more (all in --json and --output's label_issues.csv)")
+    return lines
