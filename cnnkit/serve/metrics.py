@@ -8,7 +8,7 @@ them, whichever worker answers. ``prometheus_client`` (the 'serve' extra) is imp
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from ..errors import ConfigError
 
@@ -98,6 +98,22 @@ class Metrics:
                 self.requests.labels(endpoint, status, role, version)
         for series in (self.images, self.batch_size, self.forward, self.confidence):
             series.labels(role, version)
+
+    def show_models(self, roles: Iterable[tuple[str, Any]], previous: Iterable[tuple[str, Any]] | None,
+                    endpoints: tuple[str, ...]) -> None:
+        """``cnnkit_model_info``: 1 for each ``(role, model)`` served, 0 for those of ``previous``
+        served no longer; the series of each answering model (not the shadow) declared."""
+        roles = list(roles)
+        now = {(model.version, model.checkpoint.arch, model.backend, role) for role, model in roles}
+        for role, model in previous or ():
+            labels = (model.version, model.checkpoint.arch, model.backend, role)
+            if labels not in now:
+                self.model_info.labels(*labels).set(0)
+        for labels in now:
+            self.model_info.labels(*labels).set(1)
+        for role, model in roles:
+            if role != "shadow":
+                self.declare(endpoints, role, model.version)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest

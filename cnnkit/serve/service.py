@@ -115,19 +115,7 @@ class ModelService:
         self.metrics.forward.labels(*labels).observe(seconds)
 
     def _show(self, models: Models, previous: Models | None) -> None:
-        """``cnnkit_model_info``: 1 for each model served in its role, 0 for those no longer."""
-        info = self.metrics.model_info
-        now = {(model.version, model.checkpoint.arch, model.backend, role) for role, model in models.roles()}
-        if previous is not None:
-            for role, model in previous.roles():
-                labels = (model.version, model.checkpoint.arch, model.backend, role)
-                if labels not in now:
-                    info.labels(*labels).set(0)
-        for labels in now:
-            info.labels(*labels).set(1)
-        for role, model in models.roles():
-            if role != "shadow":
-                self.metrics.declare(PREDICT_PATHS, role, model.version)
+        self.metrics.show_models(models.roles(), previous.roles() if previous is not None else None, PREDICT_PATHS)
         primary = models.primary
         if primary.drift is not None and self.metrics.has_drift:
             self.metrics.reference_confidence.set(reference_confidence_mean(primary.drift.reference))
