@@ -49,6 +49,8 @@ RECIPES = {
     "trivial+mix+ls": ["--augment", "trivial", *MIX, "--label-smoothing", "0.1"],
     "trivial+ls+ema": ["--augment", "trivial", "--label-smoothing", "0.1", "--ema", "0.99"],
     "trivial+mix+ls+ema": ["--augment", "trivial", *MIX, "--label-smoothing", "0.1", "--ema", "0.99"],
+    "plain+amp": ["--amp"],  # bfloat16 autocast: native on CPUs with AMX / AVX512-BF16
+    "trivial+ls+amp": ["--augment", "trivial", "--label-smoothing", "0.1", "--amp"],
     "rand+erase+ls": ["--augment", "rand", "--random-erase", "0.25", "--label-smoothing", "0.1"],
     "recipe scratch": ["--recipe", "scratch"],
 }
