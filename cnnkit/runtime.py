@@ -50,6 +50,12 @@ def has_vnni() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def has_native_bfloat16() -> bool:
+    """Whether the CPU computes bfloat16 in hardware (AMX or AVX512-BF16): there bfloat16
+    autocast trains a CNN about 1.8x faster than float32; elsewhere it is emulated, and slower."""
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
 def default_workers(requested: int | None) -> int:
     """DataLoader worker processes: as asked, else one per core up to 4."""
     if requested is not None:

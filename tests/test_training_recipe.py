@@ -200,6 +200,19 @@ def test_checkpoints_from_before_the_policies_keep_their_augmentation():
 # --- the time budget --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("budget, native, expected", [(None, True, False), ("10m", True, True), ("10m", False, False)])
+def test_bfloat16_is_the_default_only_under_a_time_budget_on_native_hardware(monkeypatch, budget, native, expected):
+    from cnnkit.training import recipe
+
+    monkeypatch.setattr(recipe, "has_native_bfloat16", lambda: native)
+    cfg = TrainConfig("d", weights="none", time_budget=budget)
+    assert recipe.default_amp(cfg, torch.device("cpu")) is expected
+    assert recipe.default_amp(cfg, torch.device("cuda")) is True
+    chosen = recipe.resolve_recipe(cfg, torch.device("cpu"), None)
+    assert chosen.amp is expected and chosen.autocast_dtype == (torch.bfloat16 if expected else None)
+    assert recipe.resolve_recipe(dataclasses.replace(cfg, amp=False), torch.device("cpu"), None).amp is False
+
+
 def test_durations_parse_and_bad_ones_say_what_to_write():
     from cnnkit.config import parse_duration
 

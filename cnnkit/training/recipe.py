@@ -15,6 +15,7 @@ import torch
 from ..config import PreprocessConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..models.checkpoint import Checkpoint
+from ..runtime import has_native_bfloat16
 
 HEAD, FINE_TUNE, FULL = "head", "fine-tune", "full"  # phases: frozen backbone, then unfrozen; or all along
 # Fields a resumed run may change; everything else is the checkpoint's recipe.
@@ -67,6 +68,13 @@ class Recipe:
         return 0, self.cfg.epochs, self.cfg.learning_rate
 
 
+def default_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    """Mixed precision unless ``--amp``/``--no-amp`` says: on CUDA; and on a CPU with native
+    bfloat16 under ``--time-budget``, where the images trained in the time are what counts (1.8x
+    the steps of float32 there: benchmarks/RESULTS.md); otherwise float32, as reproducible as before."""
+    return device.type == "cuda" or (device.type == "cpu" and bool(cfg.time_budget) and has_native_bfloat16())
+
+
 def resolve_recipe(cfg: TrainConfig, device: torch.device, log: logging.Logger | None) -> Recipe:
     """Decide freezing and precision for ``cfg`` on ``device``; refuse combinations that cannot
     work with this backbone. ``log`` (None off rank 0) says what was chosen."""
@@ -86,13 +94,16 @@ def resolve_recipe(cfg: TrainConfig, device: torch.device, log: logging.Logger |
             "--cache-features needs a frozen backbone, and this one trains (--weights none): "
             "drop --cache-features, or add --freeze"
         )
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    amp = cfg.amp if cfg.amp is not None else default_amp(cfg, device)
     if amp and device.type not in ("cuda", "cpu"):
         raise ConfigError(f"--amp runs on CUDA (float16) or the CPU (bfloat16), not on {device.type}: drop --amp")
     autocast_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
     if amp and log is not None:
+        chosen = cfg.amp is None and device.type == "cpu"  # (the time budget's default)
         log.info("mixed precision: %s autocast%s", str(autocast_dtype).replace("torch.", ""),
-                 " with gradient scaling" if device.type == "cuda" else "")
+                 " with gradient scaling" if device.type == "cuda" else
+                 " (--time-budget on a CPU with native bfloat16: more steps in the time; --no-amp for float32)"
+                 if chosen else "")
     # NHWC tensors: what tensor cores want, and 1.3-2x faster with oneDNN on the CPU (training
     # and inference of resnet18, densenet121, mobilenet, efficientnet, vgg: benchmarks/RESULTS.md).
     channels_last = device.type in ("cuda", "cpu")
