@@ -279,7 +279,8 @@ def inspection_page(report: dict[str, Any], folder: str | None = None) -> str:
     shapes = table(["split", "images", "imbalance", "width (min/median/max)", "height", "modes"], (
         [name, s["images"], f"{s['imbalance']:g}x" if s["imbalance"] else "-", _spread(s["width"]), _spread(s["height"]),
          ", ".join(f"{mode} {n}" for mode, n in s["modes"].items())] for name, s in splits.items()))
-    sections.append(section("Images per split and class", counts, shapes))
+    sizes = _figure(folder, "sizes.png", "image sizes per split") if folder else Markup("")
+    sections.append(section("Images per split and class", counts, shapes, sizes))
     issues = [[name, "unreadable", path_text(u["path"]), u["error"]] for name, s in splits.items() for u in s["unreadable"]]
     for key, what in (("empty_classes", "empty class folder"), ("tiny", "tiny"), ("extreme_aspect", "extreme aspect")):
         issues += [[name, what, path_text(item) if key != "empty_classes" else esc(item), ""]

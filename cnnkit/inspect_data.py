@@ -43,6 +43,8 @@ WHOLE = "all"  # the split name of a DATA_DIR that is itself a folder of class f
 TINY_SIDE = 32  # pixels: an image with a shorter side is reported as tiny
 MAX_ASPECT = 4.0  # long side / short side above this is reported as extreme
 REPORT_FILES = ("inspect.json", "pairs.csv", "inspect.html")
+FIGURES = ("sizes.png", "pairs.png")  # with matplotlib (the plot extra)
+PAIRS_SHOWN = 12  # pairs in pairs.png (all are in pairs.csv and inspect.html)
 SHOWN = 10  # rows per list in the terminal summary (all are in --json and --output)
 
 
@@ -81,7 +83,8 @@ def inspect_data(cfg: InspectConfig) -> InspectResult:
     require_extra("inspect", "imagehash")
     backbone = label_issues.load_backbone(cfg) if cfg.label_issues else None  # a bad one fails before the reading
     if cfg.output:
-        prepare_output_dir(cfg.output, [*REPORT_FILES, *(label_issues.FILES if backbone else ())], cfg.force)
+        prepare_output_dir(cfg.output, [*REPORT_FILES, *FIGURES, *(label_issues.FILES if backbone else ())],
+                           cfg.force)
     layout = find_splits(cfg.data_dir)
     records = [read_image(path, split, label)
                for split, classes in layout.items() for label, paths in classes.items() for path in paths]
@@ -109,7 +112,9 @@ def inspect_data(cfg: InspectConfig) -> InspectResult:
         report["label_issues"] = label_issues.find_label_issues(backbone, readable, cfg)
     result = InspectResult(report)
     if cfg.output:
-        result.files = write_report(report, cfg.output)
+        sizes = {split: [(r.width, r.height) for r in records if r.split == split and r.error is None]
+                 for split in layout}
+        result.files = write_report(report, cfg.output, sizes)
     return result
 
 
@@ -230,9 +235,11 @@ def _spread(values: list[int]) -> dict[str, float] | None:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def write_report(report: dict[str, Any], folder: str) -> list[str]:
-    """inspect.json (the whole report), pairs.csv (one duplicate pair a row), with label issues
-    label_issues.csv and .png, and inspect.html (a page of all, with thumbnails); their paths."""
+def write_report(report: dict[str, Any], folder: str, sizes: dict[str, list[tuple[int, int]]] | None = None) -> list[str]:
+    """inspect.json (the whole report), pairs.csv (one duplicate pair a row), with matplotlib
+    sizes.png (of ``sizes``: split -> each readable image's width and height) and pairs.png (a
+    contact sheet of the first pairs), with label issues label_issues.csv and .png, and
+    inspect.html (a page of all, with thumbnails); their paths."""
     json_path, csv_path, html_path = (os.path.join(folder, name) for name in REPORT_FILES)
     try:
         # surrogateescape: a file name that is not UTF-8 is written as its own bytes, as predict does
@@ -247,10 +254,28 @@ def write_report(report: dict[str, Any], folder: str) -> list[str]:
                                  *p["a"].values(), *p["b"].values()])
     except OSError as exc:
         raise OutputError(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
-    written = [json_path, csv_path]
+    written = [json_path, csv_path, *write_figures(report, folder, sizes or {})]
     if "label_issues" in report:
         written += label_issues.write_files(report["label_issues"], folder)
     return [*written, html_report.write_page(html_path, html_report.inspection_page(report, folder))]
+
+
+def write_figures(report: dict[str, Any], folder: str, sizes: dict[str, list[tuple[int, int]]]) -> list[str]:
+    """sizes.png and (when there are pairs) pairs.png in ``folder``; none without matplotlib."""
+    try:
+        from . import plots
+    except ImportError:
+        log.warning("%s are not drawn: matplotlib is not installed (pip install 'cnnkit[plot]')", " and ".join(FIGURES))
+        return []
+    sizes_path, pairs_path = (os.path.join(folder, name) for name in FIGURES)
+    try:
+        plots.image_sizes_png(sizes, sizes_path)
+        if not report["pairs"]:
+            return [sizes_path]
+        plots.pairs_png(report["pairs"][:PAIRS_SHOWN], pairs_path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the figures to {folder}: {exc.strerror or exc}") from None
+    return [sizes_path, pairs_path]
 
 
 def format_summary(report: dict[str, Any]) -> str:

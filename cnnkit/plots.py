@@ -97,6 +97,47 @@ def label_issues_png(suspects: Sequence[dict[str, Any]], names: dict[str, str], 
     _tiles(suspects, caption, "Suspected label issues", path, min(columns, max(1, len(suspects))))
 
 
+def pairs_png(pairs: Sequence[dict[str, Any]], path: str) -> None:
+    """A contact sheet of duplicate pairs (``inspect``'s report order: leaks and label conflicts
+    first), a row each: the two images side by side, titled with their split and label."""
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(6.4, 3.2 * len(pairs)), squeeze=False)
+    for row, pair in zip(axes, pairs):
+        how = f"{pair['kind']}, {pair['distance']} bits" + (", LEAK" if pair["across_splits"] else "") + \
+            (", LABEL CONFLICT" if pair["label_conflict"] else "")
+        for ax, side in zip(row, ("a", "b")):
+            ax.axis("off")
+            try:
+                image = load_image(pair[side]["path"])
+                image.thumbnail((256, 256))
+                ax.imshow(image)
+            except ImageError:
+                pass
+            file = os.path.basename(pair[side]["path"])
+            ax.set_title(f"{pair[side]['split']}/{pair[side]['label']}/{file if len(file) <= 24 else file[:23] + '…'}"
+                         + (f"\n{how}" if side == "a" else "\n"), fontsize=9, loc="left" if side == "a" else "center")
+    fig.suptitle("Duplicate pairs")
+    _save(fig, path)
+
+
+def image_sizes_png(sizes: dict[str, Sequence[tuple[int, int]]], path: str) -> None:
+    """Image sizes per split: a histogram of the shorter side, and width against height."""
+    fig, (short, scatter) = plt.subplots(1, 2, figsize=(10, 4))
+    shorter = {split: [min(w, h) for w, h in values] for split, values in sizes.items() if values}
+    if shorter:
+        short.hist(list(shorter.values()), bins=30, stacked=True, label=list(shorter))
+        short.legend()
+    short.set_xlabel("shorter side, px")
+    short.set_ylabel("images")
+    short.set_title("Shorter side")
+    for split, values in sizes.items():
+        if values:
+            scatter.scatter([w for w, _ in values], [h for _, h in values], s=8, alpha=0.5, label=split)
+    scatter.set_xlabel("width, px")
+    scatter.set_ylabel("height, px")
+    scatter.set_title("Width and height")
+    _save(fig, path)
+
+
 def _tiles(items: Sequence[dict[str, Any]], caption: Callable[[dict[str, Any]], str], title: str, path: str,
            columns: int, overlays: dict[str, Image.Image] | None = None) -> None:
     """A grid of the images of ``items`` (their ``path``), each titled ``caption(item)``."""

@@ -127,6 +127,12 @@ def test_cli_exits_10_on_a_leak_and_writes_the_report(data, tmp_path, cli_env):
     assert {(Path(r["path_a"]).name, Path(r["path_b"]).name, r["across_splits"], r["label_conflict"]) for r in rows} == {
         ("0.png", "copy.png", "True", "False"), ("4.png", "reencoded.jpg", "True", "False"),
         ("1.png", "conflict.png", "False", "True")}
+    from PIL import Image
+
+    with Image.open(out / "sizes.png") as sizes, Image.open(out / "pairs.png") as sheet:
+        assert sizes.format == sheet.format == "PNG"
+        assert sheet.height > 2.5 * sheet.width / 2  # a row for each of the 3 pairs
+    assert "image sizes per split" in (out / "inspect.html").read_text(encoding="utf-8")
     again = invoke(["inspect", root, "--output", out])
     assert again.exit_code == 6
     assert_one_line_error(again.stderr, "inspect.json, pairs.csv", "--force")

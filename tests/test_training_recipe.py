@@ -224,6 +224,32 @@ def test_durations_parse_and_bad_ones_say_what_to_write():
         TrainConfig("d", time_budget="10m", fine_tune=2)
 
 
+def test_a_time_budget_plans_again_when_the_machine_slows_down(image_folder, tmp_path, monkeypatch, caplog):
+    """Epochs take 10 s of a fake clock, then 20 s from the fourth on: the plan made after epoch
+    2 (9 epochs in 100 s) would end at 150 s, so it is made again from the recent pace, twice,
+    and the run ends inside the budget with the cosine decay at its end."""
+    import cnnkit.training.callbacks.time_budget as budget_module
+
+    clock = {"now": 0.0, "epoch": 0}
+    real_after_epoch = budget_module.TimeBudget.after_epoch
+
+    def after_epoch(self, trainer):
+        clock["epoch"] += 1
+        clock["now"] += 10.0 if clock["epoch"] <= 3 else 20.0
+        real_after_epoch(self, trainer)
+
+    monkeypatch.setattr(budget_module, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    monkeypatch.setattr(budget_module.TimeBudget, "after_epoch", after_epoch)
+    caplog.set_level("INFO", logger="cnnkit")
+    result = train(tiny_train_config(image_folder, tmp_path, epochs=None, time_budget="100s", scheduler="cosine"))
+    assert result.epochs == 6 and clock["now"] == 90.0  # 3 x 10 s + 3 x 20 s: inside 100 s, not an epoch short
+    assert "lately (planned again after epoch 4), 50s left: 7 epochs" in caplog.text
+    assert "lately (planned again after epoch 5), 30s left: 6 epochs" in caplog.text
+    lrs = [row["lr"] for row in result.history]
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))  # the decay steepens; it never climbs back
+    assert load_checkpoint(tmp_path / "last.pt").training_state["budget_planned"] == 6
+
+
 def test_plan_epochs_fills_the_budget_and_keeps_a_reserve():
     from cnnkit.training.callbacks.time_budget import plan_epochs
 

@@ -5,8 +5,13 @@ cosine decay to zero) ends inside the budget, rather than being cut off mid-way 
 The first epoch is the warm-up (whatever the number of epochs, so nothing is wasted while it is
 unknown); at its end, the epochs are planned from its measured time, and planned again after the
 second (the first pays one-off costs: worker start-up, allocations), before the cosine decay
-has moved. A reserve for what follows the last epoch (best.pt's validation statistics) is kept.
-The plan goes into the run's config, which ``last.pt`` saves: a resumed run keeps it.
+has moved. After that the plan is checked at every epoch's end against the pace of the last
+few epochs (a machine whose speed changes: a busy neighbour, a clock that drops): when the
+epochs left would end past the budget, or leave more than an epoch of it unused, the epochs
+are planned again from that pace, and the cosine decay, a function of the progress through the
+planned epochs, steepens or eases to end at zero on the new last epoch. A reserve for what
+follows the last epoch (best.pt's validation statistics) is kept. The plan goes into the run's
+config, which ``last.pt`` saves: a resumed run keeps it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PLANNED_AFTER = (1, 2)  # the epochs at whose end the plan is made
+PLANNED_AFTER = (1, 2)  # the epochs at whose end the plan is made; then it is only checked
+PACE_EPOCHS = 3  # the pace that checks the plan: the mean time of this many latest epochs
 
 
 def plan_epochs(budget: float, elapsed: float, epoch_seconds: float, done: int, reserve: float) -> int:
@@ -41,6 +47,7 @@ class TimeBudget(Callback):
         self.started = self.clock()
         self.epoch_started = self.started
         self.planned: int | None = None
+        self.recent: list[float] = []  # the latest epochs' seconds
 
     def before_fit(self, trainer: Trainer) -> None:
         if self.planned is None and trainer.cfg.warmup is None:
@@ -50,18 +57,24 @@ class TimeBudget(Callback):
     def after_epoch(self, trainer: Trainer) -> None:
         now = self.clock()
         took, self.epoch_started = now - self.epoch_started, now
-        if trainer.epoch not in PLANNED_AFTER or (self.planned is not None and trainer.epoch > self.planned):
+        self.recent = [*self.recent, took][-PACE_EPOCHS:]
+        planning = trainer.epoch in PLANNED_AFTER and (self.planned is None or trainer.epoch <= self.planned)
+        if not planning and (self.planned is None or trainer.epoch >= self.planned):
             return
-        measured = [took, now - self.started, trainer.val_stats.seconds if trainer.val_stats is not None else 0.0]
+        pace = took if planning else sum(self.recent) / len(self.recent)
+        measured = [pace, now - self.started, trainer.val_stats.seconds if trainer.val_stats is not None else 0.0]
         if trainer.ctx.enabled:  # every process plans from the same figures (their mean), so they agree
             measured = [value / trainer.ctx.world_size for value in trainer.ctx.all_reduce_sum(measured)]
-        took, elapsed, reserve = measured
-        epochs = max(1, plan_epochs(self.budget, elapsed, took, trainer.epoch, reserve))
+        pace, elapsed, reserve = measured
+        epochs = max(1, plan_epochs(self.budget, elapsed, pace, trainer.epoch, reserve))
+        if not planning and epochs == self.planned:
+            return  # on course: the epochs left end inside the budget, less than an epoch early
         if epochs != trainer.cfg.epochs:
             trainer.replan(epochs=epochs)
         self.planned = epochs
         if trainer.ctx.is_main:
-            log.info("--time-budget %s: %.1fs an epoch, %.0fs left: %d epochs%s", trainer.cfg.time_budget, took,
+            log.info("--time-budget %s: %.1fs an epoch%s, %.0fs left: %d epochs%s", trainer.cfg.time_budget, pace,
+                     "" if planning else f" lately (planned again after epoch {trainer.epoch})",
                      self.budget - elapsed, epochs,
                      "" if epochs > trainer.epoch else " (the budget allows no more; the schedule is cut short)")
 
