@@ -250,6 +250,14 @@ def test_a_time_budget_plans_again_when_the_machine_slows_down(image_folder, tmp
     assert load_checkpoint(tmp_path / "last.pt").training_state["budget_planned"] == 6
 
 
+def test_a_plan_within_one_percent_of_its_window_is_kept():
+    from cnnkit.training.callbacks.time_budget import TimeBudget
+
+    budget = TimeBudget("100s")  # the window for 10 s epochs: ending 90-100 s, give or take 1 s
+    assert budget.on_course(100.9, 10) and budget.on_course(89.1, 10) and budget.on_course(95, 10)
+    assert not budget.on_course(101.1, 10) and not budget.on_course(88.9, 10)
+
+
 def test_plan_epochs_fills_the_budget_and_keeps_a_reserve():
     from cnnkit.training.callbacks.time_budget import plan_epochs
 

@@ -7,11 +7,12 @@ unknown); at its end, the epochs are planned from its measured time, and planned
 second (the first pays one-off costs: worker start-up, allocations), before the cosine decay
 has moved. After that the plan is checked at every epoch's end against the pace of the last
 few epochs (a machine whose speed changes: a busy neighbour, a clock that drops): when the
-epochs left would end past the budget, or leave more than an epoch of it unused, the epochs
-are planned again from that pace, and the cosine decay, a function of the progress through the
-planned epochs, steepens or eases to end at zero on the new last epoch. A reserve for what
-follows the last epoch (best.pt's validation statistics) is kept. The plan goes into the run's
-config, which ``last.pt`` saves: a resumed run keeps it.
+epochs left would end past the budget, or leave more than an epoch of it unused (give or take
+1 % of it, so that noise does not churn the plan), the epochs are planned again from that pace,
+and the cosine decay, a function of the progress through the planned epochs, steepens or eases
+to end at zero on the new last epoch. A reserve for what follows the last epoch (best.pt's
+validation statistics) is kept. The plan goes into the run's config, which ``last.pt`` saves:
+a resumed run keeps it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PLANNED_AFTER = (1, 2)  # the epochs at whose end the plan is made; then it is only checked
 PACE_EPOCHS = 3  # the pace that checks the plan: the mean time of this many latest epochs
+SLACK = 0.01  # of the budget: a plan projected to end this close to its window is kept (no churn)
 
 
 def plan_epochs(budget: float, elapsed: float, epoch_seconds: float, done: int, reserve: float) -> int:
@@ -66,9 +68,9 @@ class TimeBudget(Callback):
         if trainer.ctx.enabled:  # every process plans from the same figures (their mean), so they agree
             measured = [value / trainer.ctx.world_size for value in trainer.ctx.all_reduce_sum(measured)]
         pace, elapsed, reserve = measured
+        if not planning and self.on_course(elapsed + (self.planned - trainer.epoch) * pace + reserve, pace):
+            return
         epochs = max(1, plan_epochs(self.budget, elapsed, pace, trainer.epoch, reserve))
-        if not planning and epochs == self.planned:
-            return  # on course: the epochs left end inside the budget, less than an epoch early
         if epochs != trainer.cfg.epochs:
             trainer.replan(epochs=epochs)
         self.planned = epochs
@@ -77,6 +79,12 @@ class TimeBudget(Callback):
                      "" if planning else f" lately (planned again after epoch {trainer.epoch})",
                      self.budget - elapsed, epochs,
                      "" if epochs > trainer.epoch else " (the budget allows no more; the schedule is cut short)")
+
+    def on_course(self, projected_end: float, pace: float) -> bool:
+        """Whether a plan ending at ``projected_end`` (seconds from the start) ends inside the
+        budget, less than an epoch early, give or take ``SLACK`` of it."""
+        slack = SLACK * self.budget
+        return self.budget - pace - slack <= projected_end <= self.budget + slack
 
     def state_dict(self) -> dict[str, Any]:
         return {"budget_planned": self.planned}
