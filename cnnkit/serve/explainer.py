@@ -60,8 +60,8 @@ class Explainer:
                 timeout: float) -> Explained:
         """The picture for ``image`` (one preprocessed image) and the class ``target`` (a label or
         a name; None: the top class) by ``method`` (one of EXPLAIN_METHODS), or HttpError: 400 (an
-        unknown class), 501 (an
-        exported model, or no captum on the server), 503 (still busy after ``timeout`` seconds)."""
+        unknown class), 501 (an exported model, or no captum on the server), 503 (still busy
+        after ``timeout`` seconds)."""
         if model.backend != "torch":
             raise HttpError(501, "explanations need the model's gradients, which an exported (ONNX) model does not "
                                  "have: serve the .pt checkpoint to explain")
