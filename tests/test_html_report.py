@@ -202,7 +202,9 @@ def test_inspect_output_writes_inspect_html_with_the_pairs(reports):
     page = reports["inspect"].read_text(encoding="utf-8")
     assert_page_is_self_contained(page)
     pairs = json.loads((reports["inspect"].parent / "inspect.json").read_text(encoding="utf-8"))["pairs"]
-    assert len(data_uris(page)) == 2 * len(pairs) and page.count('class="flag">leak<') == 2
+    pictures = data_uris(page)  # a thumbnail of each image of each pair, and sizes.png
+    assert len(pictures) == 2 * len(pairs) + 1 and page.count('class="flag">leak<') == 2
+    assert sum(kind == "png" for kind, _ in pictures) == 1 and 'alt="image sizes per split"' in page
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
 
 

@@ -146,7 +146,7 @@ def test_the_cli_writes_the_csv_the_gallery_and_the_page(planted, backbones, tmp
 
     again = invoke(["inspect", planted, "--label-issues", "--checkpoint", backbones["checkpoint"], "--output", out])
     assert again.exit_code == 6
-    assert_one_line_error(again.stderr, "label_issues.csv, label_issues.png", "--force")
+    assert_one_line_error(again.stderr, "already holds inspect.json", "label_issues.csv", "--force")
 
 
 @pytest.mark.parametrize("args, code, fragment", [
