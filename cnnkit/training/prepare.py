@@ -258,10 +258,9 @@ def recipe_reason(cfg: TrainConfig) -> str:
     if cfg.recipe:
         return "--recipe"
     if cfg.weights.lower() == "none":
-        return ("the default from scratch (--weights none): the best measured training from random weights "
-                "(benchmarks/RESULTS.md); --recipe plain for light augmentation only")
+        return "the default from scratch (--weights none): the best measured from random weights (benchmarks/RESULTS.md)"
     return ("the default from pretrained weights: the best measured for transfer (benchmarks/RESULTS.md); "
-            "--recipe plain for light augmentation only")
+            "--recipe plain for no label smoothing")
 
 
 def recipe_settings(cfg: TrainConfig) -> list[str]:
