@@ -106,12 +106,7 @@ def pairs_png(pairs: Sequence[dict[str, Any]], path: str) -> None:
             (", LABEL CONFLICT" if pair["label_conflict"] else "")
         for ax, side in zip(row, ("a", "b")):
             ax.axis("off")
-            try:
-                image = load_image(pair[side]["path"])
-                image.thumbnail((256, 256))
-                ax.imshow(image)
-            except ImageError:
-                pass
+            _show(ax, pair[side]["path"])
             file = os.path.basename(pair[side]["path"])
             ax.set_title(f"{pair[side]['split']}/{pair[side]['label']}/{file if len(file) <= 24 else file[:23] + '…'}"
                          + (f"\n{how}" if side == "a" else "\n"), fontsize=9, loc="left" if side == "a" else "center")
@@ -146,15 +141,21 @@ def _tiles(items: Sequence[dict[str, Any]], caption: Callable[[dict[str, Any]], 
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, items):
-        try:
-            image = (overlays or {}).get(item["path"]) or load_image(item["path"])
-            image.thumbnail((256, 256))
-            ax.imshow(image)
-        except ImageError:  # a file gone or changed since it was scored leaves a blank tile
-            pass
+        _show(ax, item["path"], (overlays or {}).get(item["path"]))
         ax.set_title(caption(item), fontsize=9)
     fig.suptitle(title)
     _save(fig, path)
+
+
+def _show(ax, path: str, picture: Image.Image | None = None) -> None:
+    """A thumbnail of ``picture`` (default: the image at ``path``) in ``ax``; a file gone or
+    changed since it was listed leaves the tile blank."""
+    try:
+        image = picture or load_image(path)
+    except ImageError:
+        return
+    image.thumbnail((256, 256))
+    ax.imshow(image)
 
 
 # --- heat maps (cnnkit explain, the evaluate gallery) ----------------------------------------

@@ -15,6 +15,7 @@ import copy
 import io
 import threading
 from dataclasses import dataclass
+
 import torch
 
 from ..data.transforms import model_view
