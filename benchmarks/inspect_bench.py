@@ -127,9 +127,10 @@ def main() -> None:
     output = REPO / "benchmarks" / "out" / "inspect_bench.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
+    kinds_found = ", ".join(f"{k}: {v['found']}/{v['planted']}" for k, v in per_kind.items())
     print(f"`{results['command']}`; {results['machine']['cpu']}, {results['machine']['cores']} cores\n")
     print(f"{report['images']} images; planted leaks found: {results['recall']:.0%} "
-          f"({', '.join(f'{k}: {v['found']}/{v['planted']}' for k, v in per_kind.items())}); "
+          f"({kinds_found}); "
           f"false pairs from the planting: {len(caused)}; pairs already in flowers-20: {len(published)}; "
           f"inspect wall time: median {results['seconds_median']:.1f} s of {times}")
 

@@ -9,6 +9,7 @@ of confidence, of the feature distance and of the combined score (target: combin
 confidence + 0.10 AUROC).
 
     python benchmarks/unknown_bench.py      # --size 96 --epochs 15
+    python benchmarks/unknown_bench.py --size 128 --epochs 25 --recipe scratch --amp --keep DIR
     python benchmarks/unknown_bench.py --checkpoint benchmarks/out/unknown-run/best.pt --combinations
 """
 
@@ -43,13 +44,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "out" / "unknown.json")
+    parser.add_argument("--recipe", default=None, help="cnnkit train --recipe [default: train's own default]")
+    parser.add_argument("--amp", action="store_true", help="cnnkit train --amp (bfloat16 autocast on the CPU)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a best.pt trained by this script: skip training")
     parser.add_argument("--keep", type=Path, default=None, help="copy the trained best.pt into this folder")
     parser.add_argument("--combinations", action="store_true", help="also compare ways of combining the two scores")
     args = parser.parse_args()
     started = time.time()
     results: dict = {"command": " ".join(["python", "benchmarks/unknown_bench.py", *sys.argv[1:]]),
-                     "machine_before": machine(), "size": args.size, "epochs": args.epochs}
+                     "machine_before": machine(), "size": args.size, "epochs": args.epochs,
+                     "recipe": args.recipe, "amp": args.amp}
     classes = sorted(p.name for p in (FLOWERS_20 / "train").iterdir() if p.is_dir())
     known, unknown = classes[:KNOWN], classes[KNOWN:]
     results.update(known=known, unknown=unknown)
@@ -68,18 +72,19 @@ def main() -> None:
         if args.checkpoint is None:
             cli("train", root, "--save-dir", run, "--arch", "resnet18", "--weights", "none", "--epochs", args.epochs,
                 "--image-size", args.size, "--resize-size", int(args.size * 1.15), "--batch-size", 32,
-                "--device", "cpu", "--no-progress", "--seed", 0)
+                "--device", "cpu", "--no-progress", "--seed", 0,
+                *(["--recipe", args.recipe] if args.recipe else []), *(["--amp"] if args.amp else []))
         else:
             run.mkdir()
             shutil.copy(args.checkpoint, run / "best.pt")
         results["train_seconds"] = round(time.time() - began)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(run / "best.pt", args.keep / "best.pt")
         cli("evaluate", run / "best.pt", root, "--split", "valid", "--target-coverage", "0.95", "--device", "cpu",
             "--no-progress", "--json")
         report = json.loads(cli("evaluate", run / "best.calibrated.pt", root, "--split", "test", "--unknown", held,
                                 "--device", "cpu", "--no-progress", "--json").stdout)
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(run / "best.pt", args.keep / "best.pt")
         if args.combinations:
             results["combinations"] = combinations(run / "best.calibrated.pt", root / "test", held)
     found = report["unknown"]
@@ -87,7 +92,8 @@ def main() -> None:
                    scores={k: found[k] for k in ("confidence", "distance", "combined")})
     rows = [f"| {k} | {v['auroc']:.3f} | {v['fpr_at_95_tpr']:.1%} |" for k, v in results["scores"].items()]
     gain = results["scores"]["combined"]["auroc"] - results["scores"]["confidence"]["auroc"]
-    trained = (f"{args.size} px, {args.epochs} epochs ({results['train_seconds']} s)" if args.checkpoint is None
+    recipe = "".join(f", {flag}" for flag in (f"--recipe {args.recipe}" if args.recipe else "", "--amp" if args.amp else "") if flag)
+    trained = (f"{args.size} px, {args.epochs} epochs{recipe} ({results['train_seconds']} s)" if args.checkpoint is None
                else f"the checkpoint {args.checkpoint}")
     table = "\n".join([
         f"resnet18 from scratch, {trained}: test accuracy "
