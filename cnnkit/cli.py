@@ -418,10 +418,12 @@ def explain(gpu: bool, device: str, **options: Any) -> None:
 @click.option("--force", is_flag=True, help="Overwrite those files in --output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the summary.")
 @click.option("--label-issues", is_flag=True, help="Also rank the images whose label looks wrong (needs the 'labels' extra and a backbone: --checkpoint, or --arch and --weights).")
-@click.option("--checkpoint", type=click.Path(), default=None, help="With --label-issues: the backbone and preprocessing of this cnnkit checkpoint.")
-@click.option("--arch", default=None, help="With --label-issues: a torchvision backbone instead (with --weights).")
+@click.option("--checkpoint", type=click.Path(), default=None, help="A backbone (with its preprocessing): its features also find similar pictures (a cropped copy, another shot of the same scene), and --label-issues uses them.")
+@click.option("--arch", default=None, help="A torchvision backbone instead of --checkpoint (with --weights).")
 @click.option("--weights", default=None, help="--arch's weights, as in cnnkit train: DEFAULT, a weights name, a .pth file or cnnkit checkpoint, or none.")
 @click.option("--image-size", type=int, default=None, help="With --arch: the input crop [default: the architecture's, usually 224].")
+@click.option("--similarity", type=float, default=None, help="With a backbone: pairs whose whitened features have at least this cosine are similar [default: 0.9].")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="With a backbone: keep its features here, and reuse them while the images and weights are the same.")
 @click.option("--folds", type=int, default=5, show_default=True, help="Out-of-fold heads (stratified; fewer when a class has fewer images).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The folds' shuffle.")
 @names_option
@@ -437,7 +439,9 @@ def inspect_command(as_json: bool, gpu: bool, device: str, progress: bool | None
     Duplicates are the same file content (SHA-256) or a near-identical picture (perceptual hash:
     a re-encoded or resized copy), within a split and across splits. The same picture in two
     splits is a leak, under two labels a label conflict: either makes the exit code 10, so that
-    a pipeline can stop on it. Needs the 'inspect' extra (imagehash).
+    a pipeline can stop on it. Needs the 'inspect' extra (imagehash). With a backbone (--checkpoint,
+    or --arch and --weights), a pair whose whitened features are close (--similarity) is a
+    duplicate too: a cropped copy or another shot of the same scene, which hashes miss.
 
     With --label-issues, the images whose folder label looks wrong, most suspicious first, with the
     label suggested: cleanlab's confident learning on out-of-fold probabilities of k-fold logistic
@@ -448,6 +452,7 @@ def inspect_command(as_json: bool, gpu: bool, device: str, progress: bool | None
     Examples:
       cnnkit inspect data/flowers-mini
       cnnkit inspect photos/ --output inspect-report/ --phash-distance 4
+      cnnkit inspect photos/ --checkpoint checkpoints/best.pt --cache-dir feature-cache/
       cnnkit inspect data/flowers-mini --label-issues --checkpoint checkpoints/best.pt -o report/
     """
     from .config import InspectConfig

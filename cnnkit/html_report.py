@@ -269,6 +269,7 @@ def inspection_page(report: dict[str, Any], folder: str | None = None) -> str:
     splits, dup = report["splits"], report["duplicates"]
     headline = [("images", str(report["images"])), ("splits", ", ".join(splits)),
                 ("exact pairs", str(dup["exact_pairs"])), ("near pairs", str(dup["near_pairs"])),
+                *([("similar pairs", str(dup["similar_pairs"]))] if report.get("backbone") else []),
                 ("leaks (across splits)", str(dup["across_splits"])), ("label conflicts", str(dup["label_conflicts"]))]
     if "label_issues" in report:
         headline.append(("label issues", str(report["label_issues"]["issues"])))
@@ -289,15 +290,18 @@ def inspection_page(report: dict[str, Any], folder: str | None = None) -> str:
         sections.append(section("Files worth a look", table(["split", "issue", "file", "reason"], issues, sortable=True)))
     pairs = report["pairs"]
     if pairs:
-        rows = ([p["kind"], p["distance"], Markup('<span class="flag">leak</span>') if p["across_splits"] else "",
+        rows = ([p["kind"], p["distance"], "" if p.get("similarity") is None else f"{p['similarity']:.3f}",
+                 Markup('<span class="flag">leak</span>') if p["across_splits"] else "",
                  Markup('<span class="flag">conflict</span>') if p["label_conflict"] else "",
                  _pair_side(p["a"]), _pair_side(p["b"])] for p in pairs[:MAX_PAIRS])
         more = f"<p>{len(pairs) - MAX_PAIRS} more pairs in pairs.csv.</p>" if len(pairs) > MAX_PAIRS else ""
-        sections.append(section("Duplicate pairs", table(["kind", "bits apart", "leak", "label conflict", "a", "b"], rows),
-                                Markup(more)))
+        columns = ["kind", "pHash bits apart", "feature cosine", "leak", "label conflict", "a", "b"]
+        sections.append(section("Duplicate pairs", table(columns, rows), Markup(more)))
     if "label_issues" in report:
         sections.append(_label_issues_section(report["label_issues"], folder))
-    return page("cnnkit inspect", f"{report['data_dir']}: pHash distance {report['phash_distance']} bits", sections)
+    similar = (f", feature cosine {report['similarity']:g} ({report['backbone']})" if report.get("backbone") else "")
+    return page("cnnkit inspect", f"{report['data_dir']}: pHash distance {report['phash_distance']} bits{similar}",
+                sections)
 
 
 def _label_issues_section(found: dict[str, Any], folder: str | None) -> Markup:

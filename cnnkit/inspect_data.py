@@ -4,9 +4,12 @@ Per split and class: image counts and imbalance, sizes and colour modes, unreada
 the reasons ``predict`` gives), tiny and very elongated images. Duplicates: the same bytes
 (SHA-256 of the file) or a near-identical picture (imagehash's 64-bit perceptual hash, at most
 ``phash_distance`` bits apart: a re-encoded or slightly resized copy), within a split and across
-splits. The same picture in two splits is a leak (evaluation sees what training saw); under two
-labels, a label conflict. Needs the 'inspect' extra (imagehash). With ``label_issues``, also the
-images whose label looks wrong (cnnkit.label_issues: a frozen backbone, k-fold heads, cleanlab).
+splits; with a backbone (a checkpoint, or an architecture and weights), also a similar picture:
+whitened backbone features at least ``similarity`` apart in cosine (cnnkit.data.similarity: a
+cropped copy, another shot of the same scene). The same picture in two splits is a leak
+(evaluation sees what training saw); under two labels, a label conflict. Needs the 'inspect'
+extra (imagehash). With ``label_issues``, also the images whose label looks wrong
+(cnnkit.label_issues: k-fold heads on the same features, cleanlab).
 
 (Not ``inspect.py``: a module of that name shadows the standard library's in some tools.)
 """
@@ -31,8 +34,10 @@ from PIL import Image
 from . import html_report, label_issues
 from .config import InspectConfig
 from .data.folders import walk_images
+from .data.similarity import cosine_pairs, whiten
 from .data.transforms import load_image
 from .errors import DataError, ImageError, OutputError, require_extra
+from .inference.backbone import load_backbone
 from .runtime import prepare_output_dir
 
 log = logging.getLogger(__name__)
@@ -81,9 +86,11 @@ class InspectResult:
 def inspect_data(cfg: InspectConfig) -> InspectResult:
     """Read every image of ``cfg.data_dir``, build the report, and write it where asked."""
     require_extra("inspect", "imagehash")
-    backbone = label_issues.load_backbone(cfg) if cfg.label_issues else None  # a bad one fails before the reading
+    if cfg.label_issues:
+        require_extra("labels", "cleanlab")
+    backbone = load_backbone(cfg) if cfg.has_backbone else None  # a bad one fails before the reading
     if cfg.output:
-        prepare_output_dir(cfg.output, [*REPORT_FILES, *FIGURES, *(label_issues.FILES if backbone else ())],
+        prepare_output_dir(cfg.output, [*REPORT_FILES, *FIGURES, *(label_issues.FILES if cfg.label_issues else ())],
                            cfg.force)
     layout = find_splits(cfg.data_dir)
     records = [read_image(path, split, label)
@@ -91,25 +98,31 @@ def inspect_data(cfg: InspectConfig) -> InspectResult:
     for record in records:
         if record.error is not None:
             log.warning("cannot read %s: %s", record.path, record.error)
-    pairs = duplicate_pairs(records, cfg.phash_distance)
+    readable = [r for r in records if r.error is None]
+    features = backbone.features([r.path for r in readable], cfg) if backbone is not None else None
+    pairs = duplicate_pairs(readable, cfg.phash_distance, None if features is None else whiten(features),
+                            cfg.min_similarity)
     report = {
         "data_dir": cfg.data_dir,
         "phash_distance": cfg.phash_distance,
+        "backbone": backbone.source if backbone is not None else None,
+        "similarity": cfg.min_similarity if backbone is not None else None,
         "images": len(records),
         "splits": {split: split_summary([r for r in records if r.split == split], classes)
                    for split, classes in layout.items()},
         "duplicates": {
             "exact_pairs": sum(p["kind"] == "exact" for p in pairs),
             "near_pairs": sum(p["kind"] == "near" for p in pairs),
+            "similar_pairs": sum(p["kind"] == "similar" for p in pairs),
             "within_split": sum(not p["across_splits"] for p in pairs),
             "across_splits": sum(p["across_splits"] for p in pairs),
             "label_conflicts": sum(p["label_conflict"] for p in pairs),
         },
         "pairs": pairs,
     }
-    if backbone is not None:
-        readable = [(r.path, r.split, r.label) for r in records if r.error is None]
-        report["label_issues"] = label_issues.find_label_issues(backbone, readable, cfg)
+    if cfg.label_issues:
+        report["label_issues"] = label_issues.find_label_issues(
+            backbone, features, [(r.path, r.split, r.label) for r in readable], cfg)
     result = InspectResult(report)
     if cfg.output:
         sizes = {split: [(r.width, r.height) for r in records if r.split == split and r.error is None]
@@ -180,28 +193,35 @@ def hamming_pairs(hashes: Sequence[int], max_distance: int, block: int = 256) ->
                 yield start + row, col, int(distance[row, col])
 
 
-def duplicate_pairs(records: Sequence[ImageRecord], max_distance: int) -> list[dict[str, Any]]:
-    """Pairs of readable images with the same bytes (``exact``) or pHashes at most
-    ``max_distance`` bits apart (``near``), each saying whether it crosses splits or labels."""
-    readable = [r for r in records if r.error is None]
-    pairs = []
-    by_digest: dict[str, list[ImageRecord]] = defaultdict(list)
-    for record in readable:
-        by_digest[record.sha256].append(record)
+def duplicate_pairs(readable: Sequence[ImageRecord], max_distance: int, unit: np.ndarray | None = None,
+                    min_similarity: float = 1.0) -> list[dict[str, Any]]:
+    """Pairs of ``readable`` images with the same bytes (``exact``), pHashes at most
+    ``max_distance`` bits apart (``near``) or, given ``unit`` (their whitened features, a row
+    each), a cosine of at least ``min_similarity`` (``similar``); each saying whether it crosses
+    splits or labels, leaks and label conflicts first."""
+    kinds: dict[tuple[int, int], str] = {}
+    by_digest: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(readable):
+        by_digest[record.sha256].append(i)
     for group in by_digest.values():
-        pairs += [_pair("exact", 0, a, b) for a, b in combinations(group, 2)]
-    for i, j, distance in hamming_pairs([r.phash for r in readable], max_distance):
-        a, b = readable[i], readable[j]
-        if a.sha256 != b.sha256:
-            pairs.append(_pair("near", distance, a, b))
-    return sorted(pairs, key=lambda p: (not p["across_splits"], not p["label_conflict"], p["distance"],
-                                        p["a"]["path"], p["b"]["path"]))
+        kinds.update({pair: "exact" for pair in combinations(group, 2)})
+    for i, j, _ in hamming_pairs([r.phash for r in readable], max_distance):
+        kinds.setdefault((i, j), "near")
+    if unit is not None:
+        for i, j, _ in cosine_pairs(unit, min_similarity):
+            kinds.setdefault((i, j), "similar")
+    pairs = [_pair(kind, readable[i], readable[j], None if unit is None else float(unit[i] @ unit[j]))
+             for (i, j), kind in kinds.items()]
+    order = {"exact": 0, "near": 1, "similar": 2}
+    return sorted(pairs, key=lambda p: (not p["across_splits"], not p["label_conflict"], order[p["kind"]],
+                                        p["distance"], -(p["similarity"] or 0), p["a"]["path"], p["b"]["path"]))
 
 
-def _pair(kind: str, distance: int, a: ImageRecord, b: ImageRecord) -> dict[str, Any]:
+def _pair(kind: str, a: ImageRecord, b: ImageRecord, similarity: float | None) -> dict[str, Any]:
     return {
         "kind": kind,
-        "distance": distance,
+        "distance": bin(a.phash ^ b.phash).count("1"),  # pHash bits apart
+        "similarity": None if similarity is None else round(min(similarity, 1.0), 4),  # whitened cosine
         "a": {"path": a.path, "split": a.split, "label": a.label},
         "b": {"path": b.path, "split": b.split, "label": b.label},
         "across_splits": a.split != b.split,
@@ -247,10 +267,11 @@ def write_report(report: dict[str, Any], folder: str, sizes: dict[str, list[tupl
             json.dump(report, handle, indent=2, ensure_ascii=False)
         with open(csv_path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["kind", "distance", "across_splits", "label_conflict",
+            writer.writerow(["kind", "distance", "similarity", "across_splits", "label_conflict",
                              "path_a", "split_a", "label_a", "path_b", "split_b", "label_b"])
             for p in report["pairs"]:
-                writer.writerow([p["kind"], p["distance"], p["across_splits"], p["label_conflict"],
+                writer.writerow([p["kind"], p["distance"], "" if p["similarity"] is None else p["similarity"],
+                                 p["across_splits"], p["label_conflict"],
                                  *p["a"].values(), *p["b"].values()])
     except OSError as exc:
         raise OutputError(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
@@ -303,12 +324,15 @@ def format_summary(report: dict[str, Any]) -> str:
                       for name, item in found[:SHOWN]]
             lines += [f"  ... {len(found) - SHOWN} more"] if len(found) > SHOWN else []
     d = report["duplicates"]
-    lines += ["", f"duplicates: {d['exact_pairs']} exact and {d['near_pairs']} near pairs (pHash within "
-                  f"{report['phash_distance']} bits): {d['within_split']} within a split, {d['across_splits']} "
+    similar = (f", {d['similar_pairs']} similar (features of {report['backbone']}, cosine at least "
+               f"{report['similarity']:g})" if report["backbone"] else "")
+    lines += ["", f"duplicates: {d['exact_pairs']} exact, {d['near_pairs']} near (pHash within "
+                  f"{report['phash_distance']} bits){similar}: {d['within_split']} within a split, {d['across_splits']} "
                   f"across splits (leaks); {d['label_conflicts']} under two labels (label conflicts)"]
     for p in report["pairs"][:SHOWN]:
         notes = [n for n, flag in (("leak", p["across_splits"]), ("label conflict", p["label_conflict"])) if flag]
-        how = "exact" if p["kind"] == "exact" else f"near ({p['distance']} bits)"
+        how = (f"similar (cosine {p['similarity']:.3f})" if p["kind"] == "similar"
+               else f"near ({p['distance']} bits)" if p["kind"] == "near" else "exact")
         lines.append(f"  {how}: {p['a']['path']} ~ {p['b']['path']}" + (f"  [{', '.join(notes)}]" if notes else ""))
     if len(report["pairs"]) > SHOWN:
         lines.append(f"  ... {len(report['pairs']) - SHOWN} more (all in --json and --output's pairs.csv)")

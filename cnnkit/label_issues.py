@@ -4,7 +4,7 @@ Confident learning (Northcutt et al., cleanlab's ``find_label_issues``) needs ou
 predicted probabilities: for each image, a model's class probabilities from a model that never
 saw it. Here that model is cheap: the penultimate features of a frozen backbone (a cnnkit
 checkpoint's, with its stored preprocessing, or a torchvision architecture with ``--weights``)
-are computed once per image, with the eval preprocessing only, and k logistic-regression heads
+are computed once per image (cnnkit.inference.backbone), with the eval preprocessing only, and k logistic-regression heads
 (standardised features, stratified seeded folds) are fitted on them, each scoring the fold it
 left out. Minutes for thousands of images on a CPU: the backbone's one forward pass per image
 dominates. Needs the 'labels' extra (cleanlab, which brings scikit-learn).
@@ -17,22 +17,14 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from torch import nn
 
-from .config import InspectConfig, PreprocessConfig
-from .data.features import compute_features
+from .config import InspectConfig
 from .data.folders import load_category_names
-from .data.transforms import resolve_preprocess
-from .distributed import DistContext
-from .errors import DataError, OutputError, require_extra
-from .inference.predictor import scoring_defaults
-from .models.build import build_model
-from .models.checkpoint import load_checkpoint
-from .runtime import resolve_device
+from .errors import DataError, OutputError
+from .inference.backbone import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -41,38 +33,12 @@ GALLERY = 12  # suspects shown in label_issues.png (all of them are in the CSV a
 CSV_COLUMNS = ["rank", "path", "split", "given", "given_name", "suggested", "suggested_name", "p_given", "p_suggested"]
 
 
-@dataclass
-class Backbone:
-    """A frozen feature extractor and what its features need: the eval preprocessing, the width
-    of the features (what its classifier head receives), default class names."""
-
-    model: nn.Module
-    arch: str
-    preprocess: PreprocessConfig
-    in_features: int
-    names: dict[str, str]
-    source: str  # what it is, for the report
-
-
-def load_backbone(cfg: InspectConfig) -> Backbone:
-    """The backbone ``cfg`` names, on its device, in eval mode; raises the one-line errors of a bad
-    checkpoint, architecture or weights before any image is read."""
-    require_extra("labels", "cleanlab")
-    device = resolve_device(cfg.device)
-    if cfg.checkpoint:
-        ckpt = load_checkpoint(cfg.checkpoint)
-        model = ckpt.build_model(device)
-        return Backbone(model, ckpt.arch, ckpt.preprocess, ckpt.head.in_features, dict(ckpt.class_names),
-                        f"{ckpt.arch} (checkpoint {cfg.checkpoint})")
-    model, head = build_model(str(cfg.arch), 2, cfg.weights, hidden_units=0)  # the head is never used
-    return Backbone(model.to(device).eval(), str(cfg.arch), resolve_preprocess(str(cfg.arch), cfg.image_size),
-                    head.in_features, {}, f"{cfg.arch} (weights {cfg.weights})")
-
-
-def find_label_issues(backbone: Backbone, images: Sequence[tuple[str, str, str]], cfg: InspectConfig) -> dict[str, Any]:
+def find_label_issues(backbone: Backbone, features: np.ndarray, images: Sequence[tuple[str, str, str]],
+                      cfg: InspectConfig) -> dict[str, Any]:
     """The report's ``label_issues`` section for ``images``, readable ``(path, split, label)``
-    triples: the suspects ranked most suspicious first (the given label's out-of-fold probability,
-    lowest first), each with the suggested label (the most probable one)."""
+    triples, whose rows of ``features`` ``backbone`` computed: the suspects ranked most suspicious
+    first (the given label's out-of-fold probability, lowest first), each with the suggested
+    label (the most probable one)."""
     classes = sorted({label for _, _, label in images})
     if len(classes) < 2:
         raise DataError(f"--label-issues needs at least 2 classes with readable images, found {len(classes)}")
@@ -83,11 +49,8 @@ def find_label_issues(backbone: Backbone, images: Sequence[tuple[str, str, str]]
     names = load_category_names(cfg.category_names, classes) if cfg.category_names else backbone.names
 
     started = time.perf_counter()
-    features = extract_features(backbone, [path for path, _, _ in images], cfg)
-    featured = time.perf_counter()
     probs = out_of_fold_probabilities(features, labels, len(classes), folds, cfg.seed)
-    log.info("label issues: features of %d images in %.1fs (%s), %d-fold heads in %.1fs", len(images),
-             featured - started, backbone.source, folds, time.perf_counter() - featured)
+    log.info("label issues: %d-fold heads on %d images in %.1fs", folds, len(images), time.perf_counter() - started)
 
     import cleanlab.filter
 
@@ -127,17 +90,6 @@ def choose_folds(folds: int, classes: Sequence[str], counts: np.ndarray) -> int:
         rare = classes[int(counts.argmin())]
         log.warning("class %s has only %d readable images: using %d folds instead of %d", rare, smallest, smallest, folds)
     return min(folds, smallest)
-
-
-def extract_features(backbone: Backbone, paths: Sequence[str], cfg: InspectConfig) -> np.ndarray:
-    """(N, D) float32: each image's backbone features, eval preprocessing (data/features.py)."""
-    device = next(backbone.model.parameters()).device
-    batch_size, workers = scoring_defaults(device, cfg.batch_size, cfg.workers)
-    out = np.empty((len(paths), backbone.in_features), dtype=np.float32)
-    compute_features(backbone.model, backbone.arch, [(p, 0) for p in paths], backbone.preprocess, out,
-                     device=device, batch_size=batch_size, workers=workers, ctx=DistContext(device=device),
-                     progress=cfg.progress, desc="label-issue features")
-    return out
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int,

@@ -102,7 +102,9 @@ def pairs_png(pairs: Sequence[dict[str, Any]], path: str) -> None:
     first), a row each: the two images side by side, titled with their split and label."""
     fig, axes = plt.subplots(len(pairs), 2, figsize=(6.4, 3.2 * len(pairs)), squeeze=False)
     for row, pair in zip(axes, pairs):
-        how = f"{pair['kind']}, {pair['distance']} bits" + (", LEAK" if pair["across_splits"] else "") + \
+        how = f"{pair['kind']}, {pair['distance']} bits" + \
+            (f", cosine {pair['similarity']:.3f}" if pair.get("similarity") is not None else "") + \
+            (", LEAK" if pair["across_splits"] else "") + \
             (", LABEL CONFLICT" if pair["label_conflict"] else "")
         for ax, side in zip(row, ("a", "b")):
             ax.axis("off")

@@ -100,8 +100,9 @@ def test_the_planted_cases_are_found_and_nothing_else(data):
     assert (conflict["kind"], conflict["across_splits"], conflict["label_conflict"]) == ("exact", False, True)
     assert (conflict["a"]["label"], conflict["b"]["label"]) == ("cat", "dog")
     assert (result.leaks, result.label_conflicts) == (2, 1)
-    assert report["duplicates"] == {"exact_pairs": 2, "near_pairs": 1, "within_split": 1, "across_splits": 2,
-                                    "label_conflicts": 1}
+    assert report["duplicates"] == {"exact_pairs": 2, "near_pairs": 1, "similar_pairs": 0, "within_split": 1,
+                                    "across_splits": 2, "label_conflicts": 1}
+    assert report["backbone"] is report["similarity"] is None and {p["similarity"] for p in pairs.values()} == {None}
 
     train, valid = report["splits"]["train"], report["splits"]["valid"]
     with pytest.raises(ImageError) as reason:  # what predict says of the file
@@ -111,6 +112,58 @@ def test_the_planted_cases_are_found_and_nothing_else(data):
     assert valid["classes"] == {"cat": 3, "dog": 2} and valid["modes"] == {"RGB": 4, "L": 1}
     assert train["tiny"] == [str(planted["tiny"])] and train["extreme_aspect"] == [str(planted["long"])]
     assert train["width"] == {"min": 20, "median": 64, "max": 200}
+
+
+@pytest.fixture(scope="module")
+def reframed(tmp_path_factory) -> Path:
+    """train/ and valid/ of cats and dogs, with valid/cat/reframed.png: train/cat/30.png in a new
+    5-px frame, which moves its pHash but which the checkpoint's preprocessing crops away (resize
+    to 72 px, centre crop 64: its features are the original's); and that tiny checkpoint (a seeded
+    random resnet18)."""
+    import torch
+
+    from cnnkit.config import PreprocessConfig
+    from cnnkit.models.build import build_model
+    from cnnkit.models.checkpoint import Checkpoint
+
+    root = tmp_path_factory.mktemp("reframed")
+    for split, label, seeds in (("train", "cat", range(30, 36)), ("train", "dog", range(40, 46)),
+                                ("valid", "cat", range(50, 53)), ("valid", "dog", range(53, 56))):
+        (root / "data" / split / label).mkdir(parents=True)
+        for seed in seeds:
+            picture(seed, (96, 96)).save(root / "data" / split / label / f"{seed}.png")
+    with Image.open(root / "data" / "train" / "cat" / "30.png") as source:
+        framed = source.copy()
+    ImageDraw.Draw(framed).rectangle((0, 0, 95, 95), outline=(255, 255, 255), width=5)
+    framed.save(root / "data" / "valid" / "cat" / "reframed.png")
+    torch.manual_seed(0)
+    model, head = build_model("resnet18", 2, "none", hidden_units=0)
+    Checkpoint("resnet18", head, model.state_dict(), ["cat", "dog"], PreprocessConfig(64, 72)).save(root / "tiny.pt")
+    return root
+
+
+def test_a_copy_the_hashes_miss_is_a_similar_leak_with_a_backbone(reframed, tmp_path):
+    data, checkpoint = reframed / "data", reframed / "tiny.pt"
+    plain = inspect_data(InspectConfig(str(data), phash_distance=2)).report
+    assert plain["pairs"] == []  # the frame moved the pHash more than 2 bits
+    cfg = InspectConfig(str(data), phash_distance=2, checkpoint=str(checkpoint), cache_dir=str(tmp_path / "cache"),
+                        device="cpu", workers=0, progress=False)
+    result = inspect_data(cfg)
+    report = result.report
+    assert report["backbone"] == f"resnet18 (checkpoint {checkpoint})" and report["similarity"] == 0.9
+    pairs = [(Path(p["a"]["path"]).name, Path(p["b"]["path"]).name, p["kind"], p["across_splits"])
+             for p in report["pairs"]]
+    assert pairs == [("30.png", "reframed.png", "similar", True)]
+    assert report["pairs"][0]["similarity"] > 0.99 and report["pairs"][0]["distance"] > 2
+    assert result.leaks == 1 and report["duplicates"]["similar_pairs"] == 1
+    cached = list((tmp_path / "cache").glob("inspect-*.npy"))
+    assert len(cached) == 1
+    assert inspect_data(cfg).report == report and list((tmp_path / "cache").glob("inspect-*.npy")) == cached
+
+    done = invoke(["inspect", data, "--phash-distance", "0", "--checkpoint", checkpoint, "--similarity", "1",
+                   "--no-progress", "--workers", "0", "--cache-dir", tmp_path / "cache"])
+    assert done.exit_code == 10, done.output
+    assert "1 similar (features of resnet18" in done.stdout and "similar (cosine 1.000)" in done.stdout
 
 
 def test_cli_exits_10_on_a_leak_and_writes_the_report(data, tmp_path, cli_env):
@@ -154,7 +207,13 @@ def test_a_clean_folder_of_class_folders_exits_0_and_json_is_clean(tmp_path):
     (["MISSING"], 3, "DATA_DIR not found"),
     (["EMPTY"], 3, "has no class folders"),
     (["DATA", "--phash-distance", "40"], 2, "--phash-distance must be 0 to 32"),
-], ids=["missing", "no-class-folders", "distance"])
+    (["DATA", "--similarity", "0.8"], 2, "--similarity and --cache-dir are for a backbone's features: add --checkpoint"),
+    (["DATA", "--cache-dir", "x"], 2, "--similarity and --cache-dir are for a backbone's features"),
+    (["DATA", "--arch", "resnet18", "--weights", "none", "--similarity", "1.5"], 2,
+     "--similarity must be above 0 and at most 1 (a cosine), got 1.5"),
+    (["DATA", "--image-size", "64"], 2, "--image-size is the crop of --arch's backbone: add --arch and --weights"),
+], ids=["missing", "no-class-folders", "distance", "similarity-alone", "cache-alone", "similarity-range",
+        "image-size-alone"])
 def test_bad_usage_is_one_line_and_its_exit_code(args, code, fragment, data, tmp_path):
     (tmp_path / "empty").mkdir()
     values = {"MISSING": tmp_path / "nope", "EMPTY": tmp_path / "empty", "DATA": data[0]}

@@ -151,8 +151,8 @@ def test_the_cli_writes_the_csv_the_gallery_and_the_page(planted, backbones, tmp
 
 @pytest.mark.parametrize("args, code, fragment", [
     (["--label-issues"], 2, "--label-issues needs a backbone: --checkpoint CKPT, or --arch ARCH and --weights W"),
-    (["--checkpoint", "CKPT"], 2, "--checkpoint: only used with --label-issues; add it"),
-    (["--arch", "resnet18", "--folds", "3"], 2, "--arch: only used with --label-issues"),
+    (["--checkpoint", "CKPT", "--category-names", "names.json"], 2, "--category-names: only used with --label-issues"),
+    (["--arch", "resnet18", "--folds", "3"], 2, "--arch and --weights go together"),
     (["--label-issues", "--arch", "resnet18"], 2, "--arch and --weights go together"),
     (["--label-issues", "--weights", "none"], 2, "--arch and --weights go together"),
     (["--label-issues", "--checkpoint", "CKPT", "--arch", "resnet18"], 2, "--checkpoint brings its own backbone"),
@@ -162,7 +162,7 @@ def test_the_cli_writes_the_csv_the_gallery_and_the_page(planted, backbones, tmp
     (["--label-issues", "--arch", "nonet", "--weights", "none"], 2, "unknown --arch 'nonet'"),
     (["--label-issues", "--checkpoint", "MISSING"], 4, "checkpoint not found"),
     (["--label-issues", "--arch", "resnet18", "--weights", "MISSING"], 5, "weights file not found"),
-], ids=["no-backbone", "no-label-issues", "no-label-issues-arch", "arch-alone", "weights-alone", "both",
+], ids=["no-backbone", "names-without-label-issues", "arch-without-weights", "arch-alone", "weights-alone", "both",
         "image-size", "folds", "device", "unknown-arch", "missing-checkpoint", "missing-weights"])
 def test_bad_flags_are_one_line_and_their_exit_code(args, code, fragment, planted, backbones, tmp_path):
     values = {"CKPT": backbones["checkpoint"], "MISSING": tmp_path / "nope.pt"}

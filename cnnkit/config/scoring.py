@@ -137,6 +137,10 @@ class ExplainConfig(Serializable):
         check_common(None, None, self.device)
 
 
+# Near-duplicates by features (whitened cosine): measured on flowers-20 in benchmarks/RESULTS.md.
+DEFAULT_SIMILARITY = 0.9
+
+
 @dataclass(frozen=True)
 class InspectConfig(Serializable):
     """Options of ``cnnkit inspect``."""
@@ -145,14 +149,17 @@ class InspectConfig(Serializable):
     phash_distance: int = 6  # near-duplicates: at most this many of the 64 pHash bits differ
     output: str | None = None  # a folder for inspect.json, pairs.csv, inspect.html (and label_issues.*)
     force: bool = False  # overwrite them
-    # Label issues (cnnkit.label_issues): out-of-fold probabilities of k-fold logistic-regression
-    # heads on a frozen backbone's features, fed to cleanlab. The backbone: a checkpoint's (with its
-    # preprocessing), or a torchvision arch with weights (DEFAULT, a name, a file, none).
-    label_issues: bool = False
+    # A backbone (cnnkit.inference.backbone): a checkpoint's (with its preprocessing), or a
+    # torchvision arch with weights (DEFAULT, a name, a file, none). Its features find
+    # near-duplicates (whitened cosine >= similarity, cnnkit.data.similarity) and, with
+    # label_issues, the images whose label looks wrong (k-fold heads on them, fed to cleanlab).
     checkpoint: str | None = None
     arch: str | None = None
     weights: str | None = None
     image_size: int | None = None  # with arch: the crop; None: the architecture's
+    similarity: float | None = None  # None: DEFAULT_SIMILARITY
+    cache_dir: str | None = None  # where the features are cached between runs; None: not kept
+    label_issues: bool = False
     folds: int = 5  # fewer when a class has fewer readable images
     seed: int = 0  # the folds' shuffle
     category_names: str | None = None  # label → name for the summary, gallery and page
@@ -166,17 +173,31 @@ class InspectConfig(Serializable):
         check(0 <= self.phash_distance <= 32,
                f"--phash-distance must be 0 to 32 (of the 64 bits; 0: identical hashes only), got {self.phash_distance}")
         check(self.output is None or bool(self.output), "--output must not be empty")
-        given = [flag for flag, value in (("--checkpoint", self.checkpoint), ("--arch", self.arch), ("--weights", self.weights),
-                                          ("--image-size", self.image_size), ("--category-names", self.category_names))
-                 if value is not None]
-        check(self.label_issues or not given, f"{', '.join(given)}: only used with --label-issues; add it, or drop them")
-        check(not self.label_issues or bool(self.checkpoint or self.arch or self.weights),
+        check(self.cache_dir is None or bool(self.cache_dir), "--cache-dir must not be empty")
+        check(self.has_backbone or (self.similarity is None and self.cache_dir is None),
+               "--similarity and --cache-dir are for a backbone's features: add --checkpoint CKPT, or --arch "
+               "ARCH and --weights W")
+        check(self.similarity is None or 0 < self.similarity <= 1,
+               f"--similarity must be above 0 and at most 1 (a cosine), got {self.similarity}")
+        check(self.label_issues or self.category_names is None, "--category-names: only used with --label-issues; "
+               "add it, or drop it")
+        check(not self.label_issues or self.has_backbone,
                "--label-issues needs a backbone: --checkpoint CKPT, or --arch ARCH and --weights W "
                "(DEFAULT, a weights name, a .pth file, or none)")
         check(not (self.checkpoint and (self.arch or self.weights or self.image_size)),
                "--checkpoint brings its own backbone and preprocessing: drop --arch, --weights and --image-size")
         check(self.checkpoint is not None or bool(self.arch) == bool(self.weights),
                "--arch and --weights go together: the architecture, and DEFAULT, a weights name, a .pth file or none")
+        check(self.checkpoint is not None or self.arch is not None or self.image_size is None,
+               "--image-size is the crop of --arch's backbone: add --arch and --weights, or drop it")
         check(self.image_size is None or self.image_size >= 16, f"--image-size must be at least 16 pixels, got {self.image_size}")
         check(self.folds >= 2, f"--folds must be at least 2, got {self.folds}")
         check_common(self.batch_size, self.workers, self.device)
+
+    @property
+    def has_backbone(self) -> bool:
+        return bool(self.checkpoint or self.arch or self.weights)
+
+    @property
+    def min_similarity(self) -> float:
+        return DEFAULT_SIMILARITY if self.similarity is None else self.similarity
