@@ -23,7 +23,7 @@ pytest.importorskip("onnxruntime")
 from cnnkit.config import EvaluateConfig, ExportConfig  # noqa: E402
 from cnnkit.data.transforms import load_image  # noqa: E402
 from cnnkit.errors import CheckpointError, ConfigError  # noqa: E402
-from cnnkit.export import PARITY_ATOL, default_output, export  # noqa: E402
+from cnnkit.export import PARITY_ATOL, export  # noqa: E402
 from cnnkit.inference.openvino import OpenVinoBackend  # noqa: E402
 from cnnkit.inference.predictor import Predictor  # noqa: E402
 from cnnkit.models.checkpoint import load_checkpoint  # noqa: E402
@@ -196,21 +196,6 @@ def test_irs_cnnkit_did_not_write_are_refused(float_ir, tmp_path):
         OpenVinoBackend(lone)
     with pytest.raises(ConfigError, match="--device cpu or auto"):
         OpenVinoBackend(float_ir.path, "cuda")
-
-
-@pytest.mark.parametrize("values, flag", [
-    ({"format": "openvino", "output": "m.onnx"}, "--output"),
-    ({"format": "openvino", "int8": True, "calibration_data": "d", "calibration_method": "entropy"},
-     "--calibration-method"),
-])
-def test_openvino_options_name_the_flag_to_fix(values, flag):
-    with pytest.raises(ConfigError, match=flag):
-        ExportConfig("m.pt", **values)
-
-
-def test_default_output_names():
-    assert default_output("runs/best.pt", "openvino") == "runs/best.xml"
-    assert default_output("runs/best.pt", "openvino", int8=True) == "runs/best.int8.xml"
 
 
 def test_names_of_the_classes_travel(float_ir):
