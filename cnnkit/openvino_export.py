@@ -16,6 +16,8 @@ ONNX export and the float IR.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from typing import Any, Iterator
@@ -67,26 +69,16 @@ def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateIma
     control when ``images`` are labelled, ``max_drop`` points at most); return its settings."""
     require_extra("openvino", "openvino", "nncf")
     os.environ.setdefault("NNCF_CI", "1")  # read when nncf is imported: otherwise it sends usage telemetry
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # nncf.torch's import: "No CUDA runtime"
     import nncf
-    import numpy as np
     import openvino as ov
 
-    nncf.set_log_level(logging.ERROR)  # its progress bars and INFO lines would mix with cnnkit's output
+    nncf.set_log_level(logging.ERROR)  # its INFO lines would mix with cnnkit's output
     calibration = DecodedImages(ckpt, images.calibration)
-    dataset = nncf.Dataset(calibration, lambda item: item[0])
-    common = dict(subset_size=len(images.calibration), target_device=nncf.TargetDevice.CPU)
     model = ov.Core().read_model(float_xml)
     try:
-        if images.labels is None:
-            quantized = nncf.quantize(model, dataset, **common)
-        else:
-            def top1(compiled: Any, items: Any) -> tuple[float, list[float]]:
-                hits = [float(int(np.argmax(compiled(image)[0])) == label) for image, label in items]
-                return (sum(hits) / len(hits) if hits else 0.0), hits
-
-            held_out = nncf.Dataset(DecodedImages(ckpt, images.held_out, images.labels), lambda item: item[0])
-            quantized = nncf.quantize_with_accuracy_control(
-                model, dataset, held_out, top1, max_drop=max_drop / 100, drop_type=nncf.DropType.ABSOLUTE, **common)
+        with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars (rich) would mix with cnnkit's output
+            quantized = _quantize(nncf, model, calibration, ckpt, images, max_drop)
         ov.save_model(quantized, int8_xml, compress_to_fp16=False)
     except CnnkitError:
         raise
@@ -99,6 +91,25 @@ def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateIma
                       + (f", accuracy control (at most {max_drop:g} points on the held-out images)" if control else ""),
             "calibration_method": "NNCF's", "calibration_images": calibration.seen, "accuracy_control": control,
             "nncf": nncf.__version__}
+
+
+def _quantize(nncf: Any, model: Any, calibration: DecodedImages, ckpt: Checkpoint, images: GateImages,
+              max_drop: float) -> Any:
+    """``nncf.quantize``, or ``quantize_with_accuracy_control`` on the labelled held-out images."""
+    import numpy as np
+
+    dataset = nncf.Dataset(calibration, lambda item: item[0])
+    common = dict(subset_size=len(images.calibration), target_device=nncf.TargetDevice.CPU)
+    if images.labels is None:
+        return nncf.quantize(model, dataset, **common)
+
+    def top1(compiled: Any, items: Any) -> tuple[float, list[float]]:
+        hits = [float(int(np.argmax(compiled(image)[0])) == label) for image, label in items]
+        return (sum(hits) / len(hits) if hits else 0.0), hits
+
+    held_out = nncf.Dataset(DecodedImages(ckpt, images.held_out, images.labels), lambda item: item[0])
+    return nncf.quantize_with_accuracy_control(model, dataset, held_out, top1, max_drop=max_drop / 100,
+                                               drop_type=nncf.DropType.ABSOLUTE, **common)
 
 
 def quantize_gated_openvino(cfg: ExportConfig, ckpt: Checkpoint, float_onnx: str, float_xml: str, int8_xml: str,
