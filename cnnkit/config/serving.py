@@ -46,7 +46,7 @@ class ServeConfig(Serializable):
     tta: str | None = None  # TTA_MODES; None: the checkpoint's, else none
 
     def __post_init__(self) -> None:
-        check(bool(self.checkpoint), "give the model to serve: a checkpoint or an exported .onnx")
+        check(bool(self.checkpoint), "give the model to serve: a checkpoint or an exported .onnx or .xml")
         check(bool(SERVE_HOST_PATTERN.match(self.host)), f"--host must be an address such as 127.0.0.1 or 0.0.0.0, got {self.host!r}")
         check(1 <= self.port <= 65535, f"--port must be between 1 and 65535, got {self.port}")
         check(self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
@@ -70,7 +70,7 @@ class ServeConfig(Serializable):
         check(self.api_key_file is None or bool(self.api_key_file), "--api-key-file must not be empty")
         check(not self.protect_metrics or bool(self.api_key_file), "--protect-metrics needs --api-key-file")
         for flag, path in (("--canary", self.canary), ("--shadow", self.shadow)):
-            check(path is None or bool(path), f"{flag} must not be empty: give a checkpoint or an exported .onnx")
+            check(path is None or bool(path), f"{flag} must not be empty: give a checkpoint or an exported .onnx or .xml")
         check(0 < self.canary_percent <= 100, f"--canary-percent must be above 0 and at most 100, got {self.canary_percent}")
         check(bool(HEADER_NAME_PATTERN.match(self.canary_header)),
                f"--canary-header must be an HTTP header name such as X-Client-Id, got {self.canary_header!r}")
