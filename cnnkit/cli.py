@@ -30,7 +30,7 @@ from .config import (
 from .errors import CnnkitError, ConfigError, LeakError, PartialFailure, WorkerError, worker_death
 from .logs import quiet_dead_worker_handshakes, setup_logging
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".onnx", ".xml")
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 data problem, 4 checkpoint problem, "
     "5 weights unavailable, 6 output problem, 7 some inputs failed, 8 a worker process died, 9 quantized model failed its gate, "
@@ -277,7 +277,7 @@ def _split_seed_order(inputs: tuple[str, ...], checkpoint: str | None) -> tuple[
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-c", "--checkpoint", type=click.Path(), default=None, help="A checkpoint written by cnnkit train, or a model exported with cnnkit export --format onnx.")
+@click.option("-c", "--checkpoint", type=click.Path(), default=None, help="A checkpoint written by cnnkit train, or a model exported with cnnkit export (.onnx, .xml).")
 @click.option("-k", "--top-k", type=int, default=1, show_default=True, help="Classes to show per image (capped at the number of classes).")
 @names_option
 @click.option("-f", "--format", type=click.Choice(PREDICT_FORMATS), default=None, help="table for a terminal; json, jsonl and csv print clean data on stdout (logs go to stderr) [default: from --output's extension, else table].")
@@ -538,12 +538,12 @@ def serve(**options: Any) -> None:
 
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("checkpoint", type=click.Path())  # a folder: load_checkpoint says so
-@click.option("--format", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True, help="onnx (for ONNX Runtime, and cnnkit predict/serve) or torchscript (torch.jit.load).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="File to write [default: CHECKPOINT with .onnx or .torchscript.pt].")
+@click.option("--format", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True, help="onnx (ONNX Runtime), openvino (an OpenVINO IR: .xml + .bin), both for cnnkit predict/evaluate/serve; or torchscript (torch.jit.load).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="File to write [default: CHECKPOINT with .onnx, .xml or .torchscript.pt].")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
 @click.option("--check/--no-check", default=True, show_default=True, help="Verify the export matches PyTorch (probabilities within 1e-4, same top-1).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@click.option("--int8", is_flag=True, help="Quantize to int8 (ONNX Runtime, static, QDQ) and keep it only if it passes the accuracy and speed gate.")
+@click.option("--int8", is_flag=True, help="Quantize to int8 (ONNX Runtime static QDQ, or NNCF for openvino) and keep it only if it passes the accuracy and speed gate.")
 @click.option("--calibration-data", type=click.Path(), default=None, help="With --int8: images like the training data (a folder, a labelled folder or a data root with train/ and valid/ or test/).")
 @click.option("--calibration-images", type=int, default=300, show_default=True, help="At most this many images calibrate the activation ranges.")
 @click.option("--gate-images", type=int, default=500, show_default=True, help="At most this many held-out images measure the gate.")
@@ -555,16 +555,16 @@ def serve(**options: Any) -> None:
 def export(**options: Any) -> None:
     """Export CHECKPOINT as a standalone model: softmax probabilities out, any batch size.
 
-    Class names and preprocessing travel in the file (ONNX metadata_props, TorchScript extra
-    file cnnkit.json). The ONNX format needs the 'export' extra. With --int8 the ONNX model is
-    quantized, calibrated on --calibration-data, then measured on held-out images against the
+    Class names and preprocessing travel in the file (ONNX metadata_props, OpenVINO rt_info, TorchScript
+    extra file cnnkit.json). ONNX needs the 'export' extra, OpenVINO the 'openvino' one. With --int8 the
+    model is quantized, calibrated on --calibration-data, then measured on held-out images against the
     float model; it is written only if it passes that gate (exit code 9 otherwise).
 
     \b
     Examples:
       cnnkit export checkpoints/best.pt --format onnx
       cnnkit predict flower.jpg -c checkpoints/best.onnx --top-k 3
-      cnnkit export checkpoints/best.pt --int8 --calibration-data data/flowers-mini
+      cnnkit export checkpoints/best.pt --format openvino --int8 --calibration-data data/flowers-mini
     """
     from .config import ExportConfig
 

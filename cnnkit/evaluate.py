@@ -19,6 +19,7 @@ import numpy as np
 
 from . import html_report
 from .models.checkpoint import load_checkpoint
+from .models.exported import is_exported_model
 from .config import EvaluateConfig
 from .data.folders import ImageDataset, expand_inputs, scan_image_folder
 from .data.transforms import model_view
@@ -273,9 +274,9 @@ def evaluate(cfg: EvaluateConfig) -> EvaluationResult:
     """Score the labelled folder, build the report, and write what ``cfg`` asks for."""
     from .inference.predictor import Predictor
 
-    if (cfg.calibrate or cfg.target_coverage is not None) and cfg.checkpoint.lower().endswith(".onnx"):
+    if (cfg.calibrate or cfg.target_coverage is not None) and is_exported_model(cfg.checkpoint):
         raise ConfigError(
-            "--calibrate and --target-coverage store their results in a checkpoint, and an ONNX export is "
+            "--calibrate and --target-coverage store their results in a checkpoint, and an export (ONNX, OpenVINO) is "
             "read-only: evaluate the .pt checkpoint with them, then export it again"
         )
     if cfg.output:
@@ -369,7 +370,7 @@ def gallery_heat_maps(predictor: Predictor, wrong: Sequence[dict[str, Any]]) -> 
     if not wrong:
         return {}
     if predictor.model is None:
-        log.info("the gallery has no heat maps: Grad-CAM needs the torch checkpoint, not an ONNX export")
+        log.info("the gallery has no heat maps: Grad-CAM needs the torch checkpoint, not an export")
         return {}
     if importlib.util.find_spec("captum") is None:
         log.info("the gallery has no heat maps: captum is not installed (pip install 'cnnkit[explain]')")
@@ -567,7 +568,7 @@ def format_report(report: dict[str, Any]) -> str:
                       f"(target {a['target_coverage']:.0%}), accuracy on those {a['accuracy_kept']:.1%}"
                       + (f"; rejects {a['unknown_rejected']:.1%} of the unknown images" if "unknown_rejected" in a else "")]
     if "abstain_combined" in report:
-        lines.append("predict --abstain and serve use the combined score (an ONNX export: confidence)")
+        lines.append("predict --abstain and serve use the combined score (an export: confidence)")
     if report.get("calibrated_checkpoint"):
         lines.append(f"stored in {report['calibrated_checkpoint']}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from .data.transforms import model_view
 from .errors import ConfigError, OutputError, require_extra
 from .inference.cam import HeatMapper, caption
 from .inference.predictor import Predictor
-from .models.exported import is_onnx_file
+from .models.exported import is_exported_model
 from .runtime import prepare_output_dir
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ class ExplainResult:
 
 def explain(cfg: ExplainConfig) -> ExplainResult:
     """Write a heat-map overlay for each image of ``cfg.inputs`` and each class asked for."""
-    if is_onnx_file(cfg.checkpoint):
+    if is_exported_model(cfg.checkpoint):
         raise ConfigError(
-            "Grad-CAM needs the torch model and its gradients, which an ONNX export does not have: "
+            "Grad-CAM needs the torch model and its gradients, which an export (ONNX, OpenVINO) does not have: "
             "explain the .pt checkpoint it was exported from"
         )
     require_extra("explain", "captum")

@@ -1,4 +1,4 @@
-"""Export a checkpoint to ONNX or TorchScript and verify parity.
+"""Export a checkpoint to ONNX, OpenVINO IR or TorchScript and verify parity.
 
 The exported graph is the whole model: backbone, head and softmax. It takes ``input``, a float32
 batch ``[N, 3, H, W]`` preprocessed as the metadata says (resize, centre crop, normalise), and
@@ -6,7 +6,8 @@ gives ``probabilities`` ``[N, classes]``, with the checkpoint's fitted temperatu
 has one, i.e. exactly what ``cnnkit predict`` reports. The batch dimension is dynamic.
 
 Metadata travels with the file (see :mod:`cnnkit.models.exported`), so an export is as
-self-describing as a checkpoint.
+self-describing as a checkpoint. The OpenVINO IR (``.xml`` and ``.bin``) is converted from the
+float ONNX export (:mod:`cnnkit.openvino_export`), and checked against PyTorch in its turn.
 
 ONNX uses torch's TorchScript-based exporter (``dynamo=False``): one self-contained file, no
 onnxscript dependency, and the same behaviour on every torch this project supports (2.1 on).
@@ -31,23 +32,27 @@ from torch import nn
 from .config import ExportConfig
 from .errors import CnnkitError, OutputError, first_line, require_extra
 from .inference.onnx import OnnxBackend
+from .inference.openvino import OpenVinoBackend
 from .models.checkpoint import load_checkpoint
 from .models.exported import (
     INPUT_NAME,
     OUTPUT_NAME,
     TORCHSCRIPT_METADATA,
     export_metadata,
+    ir_weights,
     load_torchscript,
     model_version,
     set_onnx_metadata,
 )
+from .openvino_export import convert_to_ir, quantize_gated_openvino
 from .quantize import GateReport, quantize_gated
 
 log = logging.getLogger(__name__)
 
 PARITY_ATOL = 1e-4  # max abs difference of probabilities allowed between PyTorch and the export
 PARITY_BATCHES = (1, 5)  # batch sizes checked; neither is the traced one, so the batch dim is tested
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "onnx-int8": ".int8.onnx"}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "onnx-int8": ".int8.onnx", "openvino": ".xml",
+            "openvino-int8": ".int8.xml"}
 
 
 class ProbabilityModel(nn.Module):
@@ -99,7 +104,8 @@ class ExportResult:
 
 
 def default_output(checkpoint: str, fmt: str, int8: bool = False) -> str:
-    """``runs/best.pt`` → ``runs/best.onnx``, ``runs/best.int8.onnx`` or ``runs/best.torchscript.pt``."""
+    """``runs/best.pt`` → ``runs/best.onnx``, ``runs/best.int8.onnx``, ``runs/best.xml`` (OpenVINO; and
+    ``runs/best.bin``), ``runs/best.int8.xml`` or ``runs/best.torchscript.pt``."""
     stem, ext = os.path.splitext(checkpoint)
     return (stem if ext.lower() in (".pt", ".pth", ".ckpt") else checkpoint) + SUFFIXES[fmt + "-int8" * int8]
 
@@ -110,19 +116,23 @@ def export(cfg: ExportConfig) -> ExportResult:
     The file is written beside its destination under a temporary name and moved into place only
     when the parity check passes, so a failed export leaves nothing behind and never replaces an
     earlier file. With ``cfg.int8`` the file written is the int8 model, and only when it passes
-    its gate (:mod:`cnnkit.quantize`).
+    its gate (:mod:`cnnkit.quantize`). An OpenVINO IR is two files, the ``.xml`` and its ``.bin``.
     """
+    ir = cfg.format == "openvino"
     if cfg.format == "onnx":
         require_extra("export", "onnx", "onnxruntime")
+    if ir:
+        require_extra("openvino", "openvino", "onnx", "onnxruntime", *(["nncf"] if cfg.int8 else []))
     output = cfg.output or default_output(cfg.checkpoint, cfg.format, cfg.int8)
     ckpt = load_checkpoint(cfg.checkpoint)
-    if os.path.exists(output):
-        if os.path.isdir(output):
-            raise OutputError(f"--output {output} is a folder; give a file name")
-        if os.path.samefile(output, cfg.checkpoint):
-            raise OutputError(f"--output {output} is the checkpoint itself; give another file name")
-        if not cfg.force:
-            raise OutputError(f"{output} already exists; use --force to overwrite it, or another --output")
+    for target in [output, ir_weights(output)] if ir else [output]:
+        if os.path.exists(target):
+            if os.path.isdir(target):
+                raise OutputError(f"--output {target} is a folder; give a file name")
+            if os.path.samefile(target, cfg.checkpoint):
+                raise OutputError(f"--output {target} is the checkpoint itself; give another file name")
+            if not cfg.force:
+                raise OutputError(f"{target} already exists; use --force to overwrite it, or another --output")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
         raise OutputError(f"the folder of --output does not exist: {folder}")
@@ -132,36 +142,45 @@ def export(cfg: ExportConfig) -> ExportResult:
     size = ckpt.preprocess.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    tmp = int8 = gate = None
+    tmp = int8 = source = gate = None
+    suffix = ".xml" if ir else ".tmp"  # an IR's .bin is its .xml's name with .bin
     try:
-        tmp = _temporary(output, folder)
-        int8 = _temporary(output, folder, ".int8") if cfg.int8 else None
+        tmp = _temporary(output, folder, suffix=suffix)
+        int8 = _temporary(output, folder, ".int8", suffix) if cfg.int8 else None
+        source = _temporary(output, folder, ".float", ".onnx") if ir else None  # the ONNX the IR is read from
         with torch.inference_mode(False), torch.no_grad():
-            if cfg.format == "onnx":
-                _export_onnx(reference, example, tmp, meta, cfg.opset)
-            else:
+            if cfg.format == "torchscript":
                 _export_torchscript(reference, example, tmp, meta)
+            else:
+                _export_onnx(reference, example, source or tmp, meta, cfg.opset)
+        if ir:
+            convert_to_ir(source, tmp, meta)
         parity = check_parity(reference, tmp, cfg.format, size) if cfg.check else None
         if parity is not None and not parity.ok:
             raise CnnkitError(f"{parity}; nothing was written (please report this exporter problem)")
         if int8 is not None:
-            gate = quantize_gated(cfg, ckpt, tmp, int8, meta)
+            gate = (quantize_gated_openvino(cfg, ckpt, source, tmp, int8, meta) if ir
+                    else quantize_gated(cfg, ckpt, tmp, int8, meta))
+        if ir:
+            os.replace(ir_weights(int8 or tmp), ir_weights(output))  # the weights first: the .xml names a model
         os.replace(int8 or tmp, output)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
-        for path in (tmp, int8):
-            if path is not None and os.path.exists(path):
-                os.unlink(path)
+        for path in (tmp, int8, source):
+            for name in (path, ir_weights(path)) if ir and path and path.endswith(".xml") else (path,):
+                if name is not None and os.path.exists(name):
+                    os.unlink(name)
     seconds = time.perf_counter() - start
     log.info("exported %s to %s (%s%s) in %.1fs", cfg.checkpoint, output, cfg.format, ", int8" * cfg.int8, seconds)
-    return ExportResult(output, cfg.format, os.path.getsize(output), seconds, parity, gate)
+    size = os.path.getsize(output) + (os.path.getsize(ir_weights(output)) if ir else 0)
+    return ExportResult(output, cfg.format, size, seconds, parity, gate)
 
 
-def _temporary(output: str, folder: str, tag: str = "") -> str:
+def _temporary(output: str, folder: str, tag: str = "", suffix: str = ".tmp") -> str:
     """A new empty file beside ``output``, moved into place once it is complete."""
     try:
-        fd, path = tempfile.mkstemp(prefix=f".{os.path.basename(output)}{tag}.", suffix=".tmp", dir=folder)
+        fd, path = tempfile.mkstemp(prefix=f".{os.path.basename(output)}{tag}.", suffix=suffix, dir=folder)
         os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
@@ -213,8 +232,8 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, meta
 @torch.inference_mode()
 def check_parity(reference: nn.Module, path: str, fmt: str, image_size: int) -> ParityReport:
     """Compare the exported file's probabilities with ``reference``'s on seeded random batches."""
-    if fmt == "onnx":
-        backend = OnnxBackend(path, device="cpu")
+    if fmt in ("onnx", "openvino"):
+        backend = OnnxBackend(path, device="cpu") if fmt == "onnx" else OpenVinoBackend(path, device="cpu")
         run = backend.probabilities
     else:
         loaded = load_torchscript(path)

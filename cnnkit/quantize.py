@@ -13,7 +13,9 @@ int8 model score the same batches, one after the other, at the batch size ``cnnk
 on a CPU. The int8 model is kept only if its top-1 accuracy is at most ``max_accuracy_drop``
 points below the float model's (on unlabelled images: its disagreement with the float model's
 top-1, an upper bound of the accuracy it can lose) and it is at least ``min_speedup`` times as
-fast as the faster float runtime (the torch checkpoint or the float ONNX export).
+fast as the faster float runtime (the torch checkpoint or the float ONNX export; for an OpenVINO
+int8 model, the float OpenVINO IR too). :func:`quantize_and_gate` runs that sequence whatever the
+quantizer: :func:`quantize_gated` here for ONNX Runtime, :mod:`cnnkit.openvino_export` for NNCF.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -195,6 +197,8 @@ class GateReport:
     threads: int
     max_accuracy_drop: float
     min_speedup: float
+    openvino_img_s: float | None = None  # float32 OpenVINO IR, measured when the int8 model is OpenVINO's
+    runtime: str = "onnxruntime"  # what runs the int8 model (and the float export of the same format)
 
     @property
     def accuracy_drop(self) -> float:
@@ -205,7 +209,7 @@ class GateReport:
 
     @property
     def speedup(self) -> float:
-        return self.int8_img_s / max(self.torch_img_s, self.onnx_img_s)
+        return self.int8_img_s / max(r for r in (self.torch_img_s, self.onnx_img_s, self.openvino_img_s) if r is not None)
 
     @property
     def failures(self) -> list[str]:
@@ -228,18 +232,23 @@ class GateReport:
     def __str__(self) -> str:
         accuracy = (f"top-1 {self.float_accuracy:.2%} float, {self.int8_accuracy:.2%} int8"
                     if self.labelled else "unlabelled images")
+        openvino = f", float OpenVINO {self.openvino_img_s:.1f}" if self.openvino_img_s is not None else ""
         return (f"gate {'passed' if self.passed else 'FAILED'} on {self.images} held-out images: {accuracy}, "
-                f"agreement {self.agreement:.2%}; batch {self.batch_size}, {self.threads} threads: int8 "
-                f"{self.int8_img_s:.1f} img/s, float torch {self.torch_img_s:.1f}, float ONNX {self.onnx_img_s:.1f} "
-                f"= {self.speedup:.2f}x" + ("" if self.passed else "; " + "; ".join(self.failures)))
+                f"agreement {self.agreement:.2%}; batch {self.batch_size}, {self.threads} threads: int8 ({self.runtime}) "
+                f"{self.int8_img_s:.1f} img/s, float torch {self.torch_img_s:.1f}, float ONNX {self.onnx_img_s:.1f}"
+                f"{openvino} = {self.speedup:.2f}x" + ("" if self.passed else "; " + "; ".join(self.failures)))
 
 
-def measure_gate(ckpt: Checkpoint, float_onnx: str, int8_onnx: str, images: GateImages, cfg: ExportConfig) -> GateReport:
-    """Score the held-out images with the float checkpoint, the float export and the int8 export,
-    batch by batch in turn; accuracy, agreement and each one's median per-batch rate."""
+Runtime = Callable[[torch.Tensor], torch.Tensor]  # preprocessed batch -> probabilities
+
+
+def measure_gate(ckpt: Checkpoint, exports: Mapping[str, Runtime], images: GateImages, cfg: ExportConfig,
+                 runtime: str = "onnxruntime") -> GateReport:
+    """Score the held-out images with the float checkpoint and each of ``exports`` ("onnx": the
+    float ONNX export, "openvino": the float IR, if measured, and "int8": the quantized model, run
+    by ``runtime``), batch by batch in turn; accuracy, agreement and each one's median per-batch rate."""
     torch_model = Predictor(ckpt, device="cpu", tta="none")  # (the gate compares one view with one view)
-    runtimes = {"torch": torch_model.probabilities, "onnx": OnnxBackend(float_onnx, "cpu").probabilities,
-                "int8": OnnxBackend(int8_onnx, "cpu").probabilities}
+    runtimes = {"torch": torch_model.probabilities, **exports}
     batch_size, _ = scoring_defaults(torch.device("cpu"), None, None)
     rates: dict[str, list[float]] = {name: [] for name in runtimes}
     top1: dict[str, list[int]] = {"torch": [], "int8": []}
@@ -267,7 +276,27 @@ def measure_gate(ckpt: Checkpoint, float_onnx: str, int8_onnx: str, images: Gate
         torch_img_s=statistics.median(rates["torch"]), onnx_img_s=statistics.median(rates["onnx"]),
         int8_img_s=statistics.median(rates["int8"]), batch_size=batch_size, threads=torch.get_num_threads(),
         max_accuracy_drop=cfg.max_accuracy_drop, min_speedup=cfg.min_speedup,
+        openvino_img_s=statistics.median(rates["openvino"]) if "openvino" in rates else None, runtime=runtime,
     )
+
+
+def quantize_and_gate(cfg: ExportConfig, ckpt: Checkpoint, quantize_with: Callable[[GateImages], dict[str, Any]],
+                      exports: Callable[[], Mapping[str, Runtime]], runtime: str) -> tuple[dict[str, Any], GateReport]:
+    """The int8 sequence, whatever the quantizer: split ``cfg.calibration_data`` (:func:`gate_images`),
+    quantize with ``quantize_with`` (its settings back), measure the gate on ``exports()`` (as
+    :func:`measure_gate`) and raise :class:`GateError` on a failed gate unless ``cfg.ignore_gate``.
+    Returns the ``quantization`` metadata (settings, data, gate figures) and the report."""
+    images = gate_images(cfg.calibration_data, ckpt.classes, cfg.calibration_images, cfg.gate_images, cfg.seed)
+    log.info("int8: %s", images.description)
+    settings = quantize_with(images)
+    report = measure_gate(ckpt, exports(), images, cfg, runtime)
+    log.debug("int8: %s", report)
+    if not report.passed and not cfg.ignore_gate:
+        raise GateError(f"the int8 model failed its gate: {'; '.join(report.failures)}; nothing was written "
+                        "(--ignore-gate keeps it anyway)")
+    if not report.passed:
+        log.warning("int8: keeping a model that failed its gate (--ignore-gate): %s", "; ".join(report.failures))
+    return {**settings, "data": images.description, "gate": report.to_dict()}, report
 
 
 def quantize_gated(cfg: ExportConfig, ckpt: Checkpoint, float_path: str, int8_path: str,
@@ -277,18 +306,15 @@ def quantize_gated(cfg: ExportConfig, ckpt: Checkpoint, float_path: str, int8_pa
     :class:`GateError` unless ``cfg.ignore_gate``."""
     import onnx
 
-    images = gate_images(cfg.calibration_data, ckpt.classes, cfg.calibration_images, cfg.gate_images, cfg.seed)
-    log.info("int8: %s", images.description)
-    settings = quantize(float_path, int8_path, CalibrationReader(ckpt, images.calibration, INPUT_NAME),
-                        cfg.calibration_method)
-    report = measure_gate(ckpt, float_path, int8_path, images, cfg)
-    log.debug("int8: %s", report)
-    if not report.passed and not cfg.ignore_gate:
-        raise GateError(f"the int8 model failed its gate: {'; '.join(report.failures)}; nothing was written "
-                        "(--ignore-gate keeps it anyway)")
-    if not report.passed:
-        log.warning("int8: keeping a model that failed its gate (--ignore-gate): %s", "; ".join(report.failures))
+    def quantize_with(images: GateImages) -> dict[str, Any]:
+        reader = CalibrationReader(ckpt, images.calibration, INPUT_NAME)
+        return quantize(float_path, int8_path, reader, cfg.calibration_method)
+
+    def exports() -> dict[str, Runtime]:
+        return {"onnx": OnnxBackend(float_path, "cpu").probabilities, "int8": OnnxBackend(int8_path, "cpu").probabilities}
+
+    quantization, report = quantize_and_gate(cfg, ckpt, quantize_with, exports, "onnxruntime")
     proto = onnx.load(int8_path)
-    set_onnx_metadata(proto, {**meta, "quantization": {**settings, "data": images.description, "gate": report.to_dict()}})
+    set_onnx_metadata(proto, {**meta, "quantization": quantization})
     onnx.save(proto, int8_path)
     return report

@@ -215,9 +215,11 @@ def test_default_output_names():
     assert default_output("runs/best.pt", "onnx") == "runs/best.onnx"
     assert default_output("runs/best.pt", "torchscript") == "runs/best.torchscript.pt"
     assert default_output("model", "onnx") == "model.onnx"
+    assert default_output("runs/best.pt", "openvino") == "runs/best.xml"  # and runs/best.bin beside it
 
 
-@pytest.mark.parametrize("values, flag", [({"format": "tflite"}, "--format"), ({"opset": 5}, "--opset")])
+@pytest.mark.parametrize("values, flag", [({"format": "tflite"}, "--format"), ({"opset": 5}, "--opset"),
+                                          ({"format": "openvino", "output": "m.onnx"}, "--output")])
 def test_export_config_names_the_flag_to_fix(values, flag):
     with pytest.raises(ConfigError, match=flag):
         ExportConfig("m.pt", **values)

@@ -174,6 +174,8 @@ def _report(**changes) -> GateReport:
      ["agreement with the float model's top-1 drops 2.00 points"]),
     ({"labelled": False, "float_accuracy": None, "int8_accuracy": None, "agreement": 1.0, "max_accuracy_drop": 0.0}, []),
     ({"int8_accuracy": 0.81}, []),  # int8 better than float
+    # an OpenVINO int8 model must beat the float IR too, when it is the faster float runtime
+    ({"openvino_img_s": 80.0, "int8_img_s": 90.0, "runtime": "openvino"}, ["1.12x the faster float runtime"]),
 ])
 def test_the_gate_verdict(changes, failures):
     report = _report(**changes)
@@ -234,7 +236,9 @@ def test_too_few_calibration_images_are_refused(tmp_path):
 
 @pytest.mark.parametrize("values, flag", [
     ({"int8": True}, "--calibration-data"),
-    ({"int8": True, "calibration_data": "d", "format": "torchscript"}, "--format onnx"),
+    ({"int8": True, "calibration_data": "d", "format": "torchscript"}, "--format onnx or openvino"),
+    ({"int8": True, "calibration_data": "d", "format": "openvino", "calibration_method": "entropy"},
+     "--calibration-method"),
     ({"int8": True, "calibration_data": "d", "check": False}, "--no-check"),
     ({"calibration_data": "d"}, "--int8"),
     ({"ignore_gate": True}, "--int8"),
@@ -249,8 +253,9 @@ def test_int8_options_name_the_flag_to_fix(values, flag):
         ExportConfig("m.pt", **values)
 
 
-def test_int8_default_output_name():
-    assert default_output("runs/best.pt", "onnx", int8=True) == "runs/best.int8.onnx"
+@pytest.mark.parametrize("fmt, name", [("onnx", "runs/best.int8.onnx"), ("openvino", "runs/best.int8.xml")])
+def test_int8_default_output_name(fmt, name):
+    assert default_output("runs/best.pt", fmt, int8=True) == name
 
 
 def test_missing_onnxruntime_is_one_line(trained, image_folder, tmp_path, monkeypatch):

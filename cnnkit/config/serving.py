@@ -10,7 +10,7 @@ from .base import CALIBRATION_METHODS, DEVICE_PATTERN, TTA_MODES, Serializable, 
 
 SERVE_HOST_PATTERN = re.compile(r"^[A-Za-z0-9.:\-\[\]]+$")
 HEADER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # an HTTP header name (RFC 9110 token)
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "openvino", "torchscript")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ServeConfig(Serializable):
     tta: str | None = None  # TTA_MODES; None: the checkpoint's, else none
 
     def __post_init__(self) -> None:
-        check(bool(self.checkpoint), "give the model to serve: a checkpoint or an exported .onnx")
+        check(bool(self.checkpoint), "give the model to serve: a checkpoint or an exported .onnx or .xml")
         check(bool(SERVE_HOST_PATTERN.match(self.host)), f"--host must be an address such as 127.0.0.1 or 0.0.0.0, got {self.host!r}")
         check(1 <= self.port <= 65535, f"--port must be between 1 and 65535, got {self.port}")
         check(self.workers is None or self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
@@ -70,7 +70,7 @@ class ServeConfig(Serializable):
         check(self.api_key_file is None or bool(self.api_key_file), "--api-key-file must not be empty")
         check(not self.protect_metrics or bool(self.api_key_file), "--protect-metrics needs --api-key-file")
         for flag, path in (("--canary", self.canary), ("--shadow", self.shadow)):
-            check(path is None or bool(path), f"{flag} must not be empty: give a checkpoint or an exported .onnx")
+            check(path is None or bool(path), f"{flag} must not be empty: give a checkpoint or an exported .onnx or .xml")
         check(0 < self.canary_percent <= 100, f"--canary-percent must be above 0 and at most 100, got {self.canary_percent}")
         check(bool(HEADER_NAME_PATTERN.match(self.canary_header)),
                f"--canary-header must be an HTTP header name such as X-Client-Id, got {self.canary_header!r}")
@@ -84,17 +84,17 @@ class ExportConfig(Serializable):
     """Options of ``cnnkit export``."""
 
     checkpoint: str
-    format: str = "onnx"  # onnx | torchscript
-    output: str | None = None  # None: the checkpoint's path with .onnx / .torchscript.pt
+    format: str = "onnx"  # onnx | openvino | torchscript
+    output: str | None = None  # None: the checkpoint's path with .onnx / .xml (and .bin) / .torchscript.pt
     opset: int = 17  # ONNX opset
     check: bool = True  # verify parity with PyTorch after export
     force: bool = False  # overwrite an existing output
-    int8: bool = False  # static int8 quantization (ONNX Runtime, QDQ), kept only if it passes the gate
+    int8: bool = False  # static int8 quantization (ONNX Runtime QDQ, or NNCF for OpenVINO), kept only if it passes the gate
     ignore_gate: bool = False  # keep the int8 model even when it fails the gate (its figures say so)
     calibration_data: str | None = None  # images to calibrate and gate on (a folder or a data root)
     calibration_images: int = 300  # at most this many calibrate the activation ranges
     gate_images: int = 500  # at most this many held-out images measure the gate
-    calibration_method: str = "minmax"
+    calibration_method: str = "minmax"  # ONNX Runtime's; NNCF (openvino) sets its ranges its own way
     max_accuracy_drop: float = 1.0  # percentage points of top-1 accuracy the int8 model may lose
     min_speedup: float = 1.2  # the int8 model must be this many times faster than the faster float one
     seed: int = 0  # which images calibrate and which are held out
@@ -106,9 +106,14 @@ class ExportConfig(Serializable):
             f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}",
         )
         check(self.output is None or bool(self.output), "--output must not be empty")
+        check(self.format != "openvino" or self.output is None or self.output.lower().endswith(".xml"),
+              f"--output of an OpenVINO IR names its .xml (the .bin is written beside it), got {self.output!r}")
         check(11 <= self.opset <= 20, f"--opset must be between 11 and 20, got {self.opset}")
         if self.int8:
-            check(self.format == "onnx", "--int8 needs --format onnx (TorchScript is exported as float32 only)")
+            check(self.format in ("onnx", "openvino"),
+                  "--int8 needs --format onnx or openvino (TorchScript is exported as float32 only)")
+            check(self.format == "onnx" or self.calibration_method == "minmax",
+                  "--calibration-method is ONNX Runtime's: with --format openvino, NNCF sets the ranges; drop it")
             check(bool(self.calibration_data), "--int8 needs --calibration-data DIR: images like the training data")
             check(self.check, "--int8 needs the parity check of the float export: drop --no-check")
         else:

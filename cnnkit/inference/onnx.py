@@ -18,6 +18,8 @@ class OnnxBackend:
     server's per-worker sizing applies to both runtimes.
     """
 
+    format = "onnx"
+
     def __init__(self, path: str | os.PathLike[str], device: str = "auto", threads: int | None = None):
         require_extra("export", "onnxruntime")
         import onnxruntime as ort

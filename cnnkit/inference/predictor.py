@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -18,7 +18,7 @@ from ..data.folders import ImageDataset, collate, load_category_names
 from ..data.transforms import build_transforms, tta_views
 from ..errors import ConfigError
 from ..models.checkpoint import Checkpoint, load_checkpoint
-from ..models.exported import is_onnx_file
+from ..models.exported import is_exported_model, is_openvino_file
 from ..models.openset import OpenSetScorer, capture_features, check_open_set
 from ..runtime import available_cores, resolve_device
 
@@ -80,6 +80,17 @@ def scoring_defaults(device: torch.device, batch_size: int | None, workers: int 
     return batch_size, workers
 
 
+def export_backend(path: str, device: str = "auto", threads: int | None = None) -> Any:
+    """The runtime that scores an exported model: OpenVINO for an IR (``.xml``), ONNX Runtime for ``.onnx``."""
+    if is_openvino_file(path):
+        from .openvino import OpenVinoBackend
+
+        return OpenVinoBackend(path, device, threads)
+    from .onnx import OnnxBackend
+
+    return OnnxBackend(path, device, threads)
+
+
 class Predictor:
     """A trained model with its own preprocessing and class names, ready to score images."""
 
@@ -90,11 +101,9 @@ class Predictor:
         category_names: str | None = None,
         tta: str | None = None,
     ):
-        self.backend = None  # an exported ONNX model (OnnxBackend) scoring instead of self.model
-        if isinstance(checkpoint, str) and is_onnx_file(checkpoint):
-            from .onnx import OnnxBackend
-
-            self.backend = OnnxBackend(checkpoint, device)
+        self.backend = None  # an exported model (export_backend) scoring instead of self.model
+        if isinstance(checkpoint, str) and is_exported_model(checkpoint):
+            self.backend = export_backend(checkpoint, device)
             checkpoint = self.backend.checkpoint  # weightless: classes, names, preprocessing
         self.checkpoint = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
         self.classes = self.checkpoint.classes

@@ -355,14 +355,16 @@ def format_description(meta: dict[str, Any]) -> str:
     quantization = meta.get("quantization")
     if quantization:
         gate = quantization["gate"]
+        reduce_range = f", reduce_range {quantization['reduce_range']}" if "reduce_range" in quantization else ""
         lines.append(f"int8         {quantization['method']}, {quantization['calibration_method']} calibration on "
-                     f"{quantization['calibration_images']} images, reduce_range {quantization['reduce_range']}")
+                     f"{quantization['calibration_images']} images{reduce_range}")
+        openvino = f", {gate['openvino_img_s']:.1f} OpenVINO" if gate.get("openvino_img_s") is not None else ""
         accuracy = (f"top-1 {gate['float_accuracy']:.2%} float -> {gate['int8_accuracy']:.2%} int8"
                     if gate["labelled"] else "unlabelled")
         lines.append(f"gate         {'passed' if gate['passed'] else 'FAILED (kept with --ignore-gate)'} on {gate['images']} "
                      f"held-out images: {accuracy}, agreement {gate['agreement']:.2%}, {gate['speedup']:.2f}x the "
                      f"faster float runtime ({gate['int8_img_s']:.1f} vs {gate['torch_img_s']:.1f} torch, "
-                     f"{gate['onnx_img_s']:.1f} ONNX img/s, batch {gate['batch_size']}, {gate['threads']} threads)")
+                     f"{gate['onnx_img_s']:.1f} ONNX{openvino} img/s, batch {gate['batch_size']}, {gate['threads']} threads)")
     lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     lines.append(f"classes      {len(meta['classes'])}")
     lines += [f"  {c['label']:>12}  {c['name']}" for c in meta["classes"]]

@@ -1,9 +1,11 @@
-"""Exported model files (ONNX, TorchScript): the metadata cnnkit writes into them and reads back.
+"""Exported model files (ONNX, OpenVINO IR, TorchScript): the metadata cnnkit writes into them
+and reads back.
 
 Metadata travels with the file, so an export is as self-describing as a checkpoint: class labels
 and names, preprocessing, arch, training summary, calibration, drift reference and open-set statistics, as
-JSON values under ``cnnkit.*`` keys of the ONNX ``metadata_props``, or in the TorchScript extra
-file ``cnnkit.json``. :mod:`cnnkit.export` writes them; inference and serving read them.
+JSON values under ``cnnkit.*`` keys of the ONNX ``metadata_props``, under ``<rt_info><cnnkit>`` of
+an OpenVINO IR's ``.xml`` (one element per key, the JSON in its ``value``), or in the TorchScript
+extra file ``cnnkit.json``. :mod:`cnnkit.export` writes them; inference and serving read them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import warnings
+import xml.etree.ElementTree as ElementTree
 from typing import Any, Mapping
 
 import torch
@@ -26,6 +29,9 @@ EXPORT_FORMAT = "cnnkit-export"
 EXPORT_FORMAT_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "input", "probabilities"
 TORCHSCRIPT_METADATA = "cnnkit.json"  # the TorchScript extra file holding the metadata
+OPENVINO_RT_INFO = "cnnkit"  # the IR's rt_info section holding the metadata
+# The extra, and its modules, that runs each format of export scored by a runtime backend.
+RUNTIME_EXTRAS = {"onnx": ("export", ("onnx", "onnxruntime")), "openvino": ("openvino", ("openvino",))}
 
 
 def is_onnx_file(path: str | os.PathLike[str]) -> bool:
@@ -33,12 +39,46 @@ def is_onnx_file(path: str | os.PathLike[str]) -> bool:
     return os.fspath(path).lower().endswith(".onnx")
 
 
+def is_openvino_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names an OpenVINO IR (its ``.xml``; the weights are in the ``.bin`` beside it)."""
+    return os.fspath(path).lower().endswith(".xml")
+
+
+def export_format(path: str | os.PathLike[str]) -> str | None:
+    """``onnx``, ``openvino`` or ``torchscript`` for an exported model's file name, else None (a checkpoint)."""
+    name = os.fspath(path).lower()
+    if is_onnx_file(name):
+        return "onnx"
+    if is_openvino_file(name):
+        return "openvino"
+    return "torchscript" if name.endswith(".torchscript.pt") else None
+
+
+def is_exported_model(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an export that a runtime backend scores in place of torch (ONNX, OpenVINO)."""
+    return export_format(path) in RUNTIME_EXTRAS
+
+
+def require_runtime(path: str | os.PathLike[str]) -> None:
+    """A one-line ConfigError when the extra that runs the export ``path`` is not installed."""
+    extra, modules = RUNTIME_EXTRAS[export_format(path)]
+    require_extra(extra, *modules)
+
+
+def ir_weights(path: str | os.PathLike[str]) -> str:
+    """The ``.bin`` file holding the weights of the OpenVINO IR ``path`` (its ``.xml``)."""
+    return os.path.splitext(os.fspath(path))[0] + ".bin"
+
+
 def model_version(path: str | os.PathLike[str]) -> str:
-    """A model file's identity: ``sha256:`` and the first 16 hex digits of its SHA-256."""
+    """A model file's identity: ``sha256:`` and the first 16 hex digits of its SHA-256 (of an
+    OpenVINO IR: of its ``.xml`` then its ``.bin``, since the weights are there)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    files = [path, ir_weights(path)] if is_openvino_file(path) and os.path.isfile(ir_weights(path)) else [path]
+    for name in files:
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return "sha256:" + digest.hexdigest()[:16]
 
 
@@ -121,19 +161,42 @@ def parse_onnx_props(props: Mapping[str, str]) -> dict[str, Any]:
     return meta
 
 
+def set_openvino_metadata(model: Any, meta: Mapping[str, Any]) -> None:
+    """Write ``meta`` into an ``openvino.Model``'s rt_info (saved in the IR's ``.xml``)."""
+    for key, value in meta.items():
+        model.set_rt_info(json.dumps(value, ensure_ascii=False), [OPENVINO_RT_INFO, key])
+
+
+def read_openvino_metadata(path: str) -> dict[str, Any]:
+    """The cnnkit metadata of an OpenVINO IR, read from its ``.xml`` alone (no runtime, no weights)."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable OpenVINO IR ({first_line(exc)})") from None
+    section = root.find(f"rt_info/{OPENVINO_RT_INFO}")
+    meta = {}
+    for entry in section if section is not None else []:
+        try:
+            meta[entry.tag] = json.loads(entry.get("value", ""))
+        except json.JSONDecodeError:
+            continue
+    return meta
+
+
 def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``cnnkit info`` shows of a checkpoint or of an exported model (ONNX, TorchScript)."""
+    """What ``cnnkit info`` shows of a checkpoint or of an exported model (ONNX, OpenVINO, TorchScript)."""
     from .checkpoint import describe, description_fields
 
     path = os.fspath(path)
-    if not (is_onnx_file(path) or path.endswith(".torchscript.pt")):
+    fmt = export_format(path)
+    if fmt is None:
         return describe(path)
     meta = read_metadata(path)
     ckpt = checkpoint_from_metadata(meta, path)  # refuses files cnnkit did not export
     quantization = meta.get("quantization")
     return {
         **description_fields(ckpt, path),
-        "export": {"format": "onnx" if is_onnx_file(path) else "torchscript", "model_version": model_version(path),
+        "export": {"format": fmt, "model_version": model_version(path),
                    "source_model_version": meta.get("source_model_version"),
                    "precision": "int8" if quantization else "float32"},
         "calibration": dict(meta.get("calibration") or {}),  # with the temperature, already in the graph
@@ -142,10 +205,12 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The cnnkit metadata of an exported ONNX or TorchScript file."""
+    """The cnnkit metadata of an exported ONNX, OpenVINO or TorchScript file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"exported model not found: {path}")
+    if is_openvino_file(path):
+        return read_openvino_metadata(path)
     if is_onnx_file(path):
         require_extra("export", "onnx")
         import onnx

@@ -95,7 +95,7 @@ def _setup_logging() -> None:
 
 
 def create_app(checkpoint: str | os.PathLike[str], config: ServeConfig | None = None, **options: Any):
-    """The Flask application serving ``checkpoint`` (a checkpoint or an exported ``.onnx``).
+    """The Flask application serving ``checkpoint`` (a checkpoint or an exported ``.onnx`` or OpenVINO ``.xml``).
 
     ``config`` (or ``options``, as ServeConfig fields) sets batching and limits. The model is
     loaded here, once: under gunicorn this runs in each worker after the fork. It sets torch's

@@ -64,7 +64,7 @@ class Explainer:
         unknown class), 501 (an exported model, or no captum on the server), 503 (still busy
         after ``timeout`` seconds)."""
         if model.backend != "torch":
-            raise HttpError(501, "explanations need the model's gradients, which an exported (ONNX) model does not "
+            raise HttpError(501, "explanations need the model's gradients, which an exported (ONNX, OpenVINO) model does not "
                                  "have: serve the .pt checkpoint to explain")
         try:
             require_extra("explain", "captum")

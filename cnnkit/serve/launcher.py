@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import ServeConfig
 from ..errors import CnnkitError, ConfigError, require_extra
-from ..models.exported import checkpoint_from_metadata, is_onnx_file, read_metadata
+from ..models.exported import checkpoint_from_metadata, export_format, is_exported_model, read_metadata, require_runtime
 from .app import create_app
 from .auth import ApiKeys
 from .control import CONTROL_DIR_ENV
@@ -72,10 +72,10 @@ def _check_model(cfg: ServeConfig, path: str) -> tuple[Any, str]:
     """
     from ..data.folders import load_category_names
 
-    if is_onnx_file(path):
-        require_extra("export", "onnx", "onnxruntime")
+    if is_exported_model(path):
+        require_runtime(path)
         ckpt = checkpoint_from_metadata(read_metadata(path), path)
-        kind = "ONNX model"
+        kind = {"onnx": "ONNX", "openvino": "OpenVINO"}[export_format(path)] + " model"
     else:
         import torch
 

@@ -28,7 +28,7 @@ class ServedModel:
     predictor: Any  # cnnkit.inference.predictor.Predictor
     transform: Callable[[Any], torch.Tensor]
     max_pixels: int
-    backend: str  # torch, onnxruntime, onnxruntime-int8
+    backend: str  # torch, onnxruntime, onnxruntime-int8, openvino, openvino-int8
     drift: DriftMonitor | None
     # (threshold, combined) when the checkpoint has a combined unknown threshold (evaluate
     # --target-coverage with open-set statistics): each answer then says whether it is unknown.
@@ -85,7 +85,7 @@ class ServedModel:
 
 
 def load_served_model(cfg: ServeConfig, path: str, *, check: bool = True, version: str | None = None) -> ServedModel:
-    """Load ``path`` (a checkpoint or an exported .onnx) as ``cfg`` serves it; ``check`` runs
+    """Load ``path`` (a checkpoint, an exported .onnx or OpenVINO .xml) as ``cfg`` serves it; ``check`` runs
     :meth:`ServedModel.check`; ``version`` is the file's :func:`model_version` where the caller
     has hashed it already. Raises CnnkitError (the file, its classes, names or preprocessing)."""
     from ..inference.predictor import Predictor
@@ -113,12 +113,12 @@ def load_served_model(cfg: ServeConfig, path: str, *, check: bool = True, versio
     return model
 
 
-MODEL_SUFFIXES = (".pt", ".pth", ".onnx")
+MODEL_SUFFIXES = (".pt", ".pth", ".onnx", ".xml")
 
 
 def model_file(path: str) -> str:
     """``path``, or the model file in the folder ``path`` (SageMaker unpacks model.tar.gz into
-    /opt/ml/model): its only .pt/.pth/.onnx file, else its one ``model.*``, else its one ``best.*``."""
+    /opt/ml/model): its only .pt/.pth/.onnx/.xml file, else its one ``model.*``, else its one ``best.*``."""
     if not os.path.isdir(path):
         return path
     names = sorted(name for name in os.listdir(path) if name.endswith(MODEL_SUFFIXES) and not name.startswith(".")
@@ -132,7 +132,7 @@ def model_file(path: str) -> str:
         if matches:
             break  # model.pt and model.onnx: which one is meant cannot be told
     if not names:
-        raise CheckpointError(f"no model in the folder {path}: put a checkpoint (.pt) or an exported model (.onnx) "
+        raise CheckpointError(f"no model in the folder {path}: put a checkpoint (.pt) or an exported model (.onnx, .xml) "
                               "there, or name the file")
     raise CheckpointError(f"{len(names)} models in the folder {path} ({', '.join(names)}): name the file to serve, "
                           "or call it model.pt")

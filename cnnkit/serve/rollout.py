@@ -135,7 +135,7 @@ class Rollout:
         try:
             target = model_file(path) if path else held.path  # type: ignore[union-attr]
             if not os.path.isfile(target):  # (a device such as /dev/zero would be read forever)
-                self._failed(role, target, "no such file (give a checkpoint or an exported .onnx)")
+                self._failed(role, target, "no such file (give a checkpoint or an exported .onnx or .xml)")
             version = model_version(target)
         except CnnkitError as exc:
             self._failed(role, path or "", str(exc))

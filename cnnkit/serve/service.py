@@ -300,7 +300,7 @@ def describe(service: ModelService) -> dict[str, Any]:
     return {
         "model_version": model.version,
         "model_file": os.path.basename(model.path),
-        "format": "onnx" if predictor.backend is not None else "checkpoint",
+        "format": predictor.backend.format if predictor.backend is not None else "checkpoint",
         "backend": model.backend,
         "quantization": predictor.backend.quantization if predictor.backend is not None else None,
         "arch": ckpt.arch,

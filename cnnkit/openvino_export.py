@@ -1,0 +1,135 @@
+"""OpenVINO IR exports: the float IR converted from the float ONNX export, and its int8 version by
+NNCF's post-training quantization, kept only when it passes the same gate as an ONNX int8 model.
+
+The IR is read from the ONNX file :mod:`cnnkit.export` writes (the same graph: probabilities out,
+temperature in, dynamic batch) by the OpenVINO core's ONNX reader, then saved with float32
+weights (``save_model`` would halve them to float16 by default, off the parity tolerance), and
+cnnkit's metadata in its rt_info.
+
+int8: ``nncf.quantize`` calibrates on images preprocessed by the checkpoint's own eval pipeline
+(:func:`cnnkit.quantize.batches`); when the data is labelled, ``nncf.quantize_with_accuracy_control``
+instead, which reverts the layers that cost the most top-1 accuracy on the held-out images to
+float until the drop is at most ``--max-accuracy-drop``. Those held-out images then also measure
+the gate (:func:`cnnkit.quantize.quantize_and_gate`), against the torch checkpoint, the float
+ONNX export and the float IR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from typing import Any, Iterator
+
+from .config import ExportConfig
+from .errors import CnnkitError, DataError, first_line, require_extra
+from .inference.onnx import OnnxBackend
+from .inference.openvino import OpenVinoBackend
+from .models.checkpoint import Checkpoint
+from .models.exported import set_openvino_metadata
+from .quantize import GateImages, GateReport, Runtime, batches, quantize_and_gate
+
+log = logging.getLogger(__name__)
+
+
+def convert_to_ir(onnx_path: str, xml_path: str, meta: dict[str, Any]) -> None:
+    """Write the OpenVINO IR of the ONNX model ``onnx_path`` (``xml_path`` and the ``.bin`` beside
+    it), with ``meta`` in its rt_info."""
+    require_extra("openvino", "openvino")
+    import openvino as ov
+
+    try:
+        model = ov.Core().read_model(onnx_path)  # (not ov.convert_model: the same graph, without its telemetry)
+        set_openvino_metadata(model, meta)
+        ov.save_model(model, xml_path, compress_to_fp16=False)
+    except Exception as exc:
+        raise CnnkitError(f"OpenVINO conversion failed: {first_line(exc)}") from None
+
+
+class DecodedImages:
+    """Preprocessed images, one ``(array [1, 3, H, W], class index or -1)`` each, decoded anew on
+    each pass (NNCF reads its data more than once); ``seen`` counts the images decoded."""
+
+    def __init__(self, ckpt: Checkpoint, paths: list[str], labels: list[int] | None = None):
+        self.ckpt, self.paths, self.labels = ckpt, paths, labels
+        self.seen = 0
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        count = 0
+        for batch, indices in batches(self.ckpt, self.paths, 8):
+            for image, i in zip(batch, indices):
+                count += 1
+                self.seen = max(self.seen, count)
+                yield image[None].numpy(), self.labels[i] if self.labels is not None else -1
+
+
+def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateImages, max_drop: float) -> dict[str, Any]:
+    """Write the int8 version of the float IR ``float_xml`` to ``int8_xml`` (NNCF; with accuracy
+    control when ``images`` are labelled, ``max_drop`` points at most); return its settings."""
+    require_extra("openvino", "openvino", "nncf")
+    os.environ.setdefault("NNCF_CI", "1")  # read when nncf is imported: otherwise it sends usage telemetry
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # nncf.torch's import: "No CUDA runtime"
+    import nncf
+    import openvino as ov
+
+    nncf.set_log_level(logging.ERROR)  # its INFO lines would mix with cnnkit's output
+    calibration = DecodedImages(ckpt, images.calibration)
+    model = ov.Core().read_model(float_xml)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars (rich) would mix with cnnkit's output
+            quantized = _quantize(nncf, model, calibration, ckpt, images, max_drop)
+        ov.save_model(quantized, int8_xml, compress_to_fp16=False)
+    except CnnkitError:
+        raise
+    except Exception as exc:  # NNCF raises what its graph code meets
+        raise CnnkitError(f"int8 quantization (NNCF) failed: {first_line(exc)}") from None
+    if not calibration.seen:
+        raise DataError("no calibration image could be decoded")
+    control = images.labels is not None
+    return {"method": "NNCF post-training quantization (OpenVINO), int8 weights and activations"
+                      + (f", accuracy control (at most {max_drop:g} points on the held-out images)" if control else ""),
+            "calibration_method": "NNCF's", "calibration_images": calibration.seen, "accuracy_control": control,
+            "nncf": nncf.__version__}
+
+
+def _quantize(nncf: Any, model: Any, calibration: DecodedImages, ckpt: Checkpoint, images: GateImages,
+              max_drop: float) -> Any:
+    """``nncf.quantize``, or ``quantize_with_accuracy_control`` on the labelled held-out images."""
+    import numpy as np
+
+    dataset = nncf.Dataset(calibration, lambda item: item[0])
+    common = dict(subset_size=len(images.calibration), target_device=nncf.TargetDevice.CPU)
+    if images.labels is None:
+        return nncf.quantize(model, dataset, **common)
+
+    def top1(compiled: Any, items: Any) -> tuple[float, list[float]]:
+        hits = [float(int(np.argmax(compiled(image)[0])) == label) for image, label in items]
+        return (sum(hits) / len(hits) if hits else 0.0), hits
+
+    held_out = nncf.Dataset(DecodedImages(ckpt, images.held_out, images.labels), lambda item: item[0])
+    return nncf.quantize_with_accuracy_control(model, dataset, held_out, top1, max_drop=max_drop / 100,
+                                               drop_type=nncf.DropType.ABSOLUTE, **common)
+
+
+def quantize_gated_openvino(cfg: ExportConfig, ckpt: Checkpoint, float_onnx: str, float_xml: str, int8_xml: str,
+                            meta: dict[str, Any]) -> GateReport:
+    """Quantize the float IR ``float_xml`` into ``int8_xml`` and gate it as
+    :func:`cnnkit.quantize.quantize_gated` does an ONNX model (the float ONNX export ``float_onnx``
+    is one of the float runtimes it must beat); the gate's figures go into the IR's metadata."""
+    import openvino as ov
+
+    def exports() -> dict[str, Runtime]:
+        return {"onnx": OnnxBackend(float_onnx, "cpu").probabilities,
+                "openvino": OpenVinoBackend(float_xml, "cpu").probabilities,
+                "int8": OpenVinoBackend(int8_xml, "cpu").probabilities}
+
+    quantization, report = quantize_and_gate(
+        cfg, ckpt, lambda images: quantize_ir(float_xml, int8_xml, ckpt, images, cfg.max_accuracy_drop), exports,
+        "openvino")
+    core = ov.Core()
+    core.set_property({"ENABLE_MMAP": False})  # the weights in memory, not mapped from the file rewritten here
+    model = core.read_model(int8_xml)
+    set_openvino_metadata(model, {**meta, "quantization": quantization})
+    ov.save_model(model, int8_xml, compress_to_fp16=False)
+    return report

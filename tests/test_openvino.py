@@ -1,0 +1,202 @@
+"""cnnkit export --format openvino: the float IR (parity with torch, metadata in rt_info), its int8
+version by NNCF behind the same gate as the ONNX one, and the IR in predict, evaluate, info and
+serve like an .onnx."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from cnnkit.config import EvaluateConfig, ExportConfig  # noqa: E402
+from cnnkit.data.transforms import load_image  # noqa: E402
+from cnnkit.errors import CheckpointError, ConfigError  # noqa: E402
+from cnnkit.export import PARITY_ATOL, export  # noqa: E402
+from cnnkit.inference.openvino import OpenVinoBackend  # noqa: E402
+from cnnkit.inference.predictor import Predictor  # noqa: E402
+from cnnkit.models.checkpoint import load_checkpoint  # noqa: E402
+from cnnkit.models.exported import export_metadata, model_version, read_metadata  # noqa: E402
+from cnnkit.serve.model import model_file  # noqa: E402
+
+from deploy_helpers import CLASSES, NAMES, image_bytes, make_checkpoint  # noqa: E402
+from helpers import CLASSES as COLOURS, assert_one_line_error, run_cli, write_class_images  # noqa: E402
+
+# As in test_quantize: the speed test says little on 64-px models, so these tests pass the gate
+# with --min-speedup 0 (and a random model's accuracy with a lax drop) and fail it with --min-speedup 1000.
+LAX = dict(int8=True, min_speedup=0.0, max_accuracy_drop=100.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A calibrated checkpoint (the IR must carry the temperature into its probabilities)."""
+    return make_checkpoint(tmp_path_factory.mktemp("openvino") / "model.pt", temperature=1.7)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A data root of the checkpoint's classes: train/ (6 per class) calibrates, valid/ (2 per class) gates."""
+    root, rng = tmp_path_factory.mktemp("openvino-data"), np.random.default_rng(0)
+    for label, colour in zip(CLASSES, COLOURS):
+        write_class_images(root / "train" / label, colour, 6, rng)
+        write_class_images(root / "valid" / label, colour, 2, rng)
+    return root
+
+
+@pytest.fixture(scope="module")
+def float_ir(checkpoint):
+    return export(ExportConfig(str(checkpoint), format="openvino"))
+
+
+@pytest.fixture(scope="module")
+def int8_ir(checkpoint, data):
+    return export(ExportConfig(str(checkpoint), format="openvino", calibration_data=str(data), **LAX))
+
+
+def _images(n: int = 5):
+    return [load_image(io.BytesIO(image_bytes(seed))) for seed in range(n)]
+
+
+def test_the_float_ir_is_written_beside_its_weights_and_matches_torch(float_ir, checkpoint):
+    assert float_ir.path == str(checkpoint.with_suffix(".xml")) and checkpoint.with_suffix(".bin").is_file()
+    assert float_ir.parity is not None and float_ir.parity.ok and float_ir.gate is None
+    assert float_ir.bytes == checkpoint.with_suffix(".xml").stat().st_size + checkpoint.with_suffix(".bin").stat().st_size
+    assert not [p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
+    ir, reference = Predictor(float_ir.path, "cpu"), Predictor(str(checkpoint), "cpu")
+    assert isinstance(ir.backend, OpenVinoBackend) and ir.backend.name == "openvino" and ir.model is None
+    batch = torch.stack([reference.transform(image) for image in _images()])
+    assert (ir.probabilities(batch) - reference.probabilities(batch)).abs().max() <= PARITY_ATOL  # temperature included
+
+
+def test_the_metadata_round_trips_through_rt_info(float_ir, checkpoint, cli_env):
+    expected = export_metadata(load_checkpoint(str(checkpoint)), model_version(checkpoint))
+    assert read_metadata(float_ir.path) == json.loads(json.dumps(expected))
+    result = run_cli(["info", float_ir.path], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "(openvino, float32, sha256:" in result.stdout and "Red fox" in result.stdout and "int8" not in result.stdout
+
+
+def test_the_model_version_covers_the_weights(float_ir, tmp_path):
+    copy = Path(shutil.copyfile(float_ir.path, tmp_path / "m.xml"))
+    weights = tmp_path / "m.bin"
+    shutil.copyfile(Path(float_ir.path).with_suffix(".bin"), weights)
+    assert model_version(copy) == model_version(float_ir.path)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_version(copy) != model_version(float_ir.path)
+
+
+def test_the_int8_ir_passes_its_gate_with_figures_in_its_metadata(int8_ir, float_ir, checkpoint):
+    assert int8_ir.path == str(checkpoint.with_suffix(".int8.xml")) and checkpoint.with_suffix(".int8.bin").is_file()
+    gate = int8_ir.gate
+    assert gate is not None and gate.passed and gate.labelled and gate.images == 6 and gate.runtime == "openvino"
+    assert min(gate.torch_img_s, gate.onnx_img_s, gate.openvino_img_s, gate.int8_img_s) > 0
+    assert gate.speedup == pytest.approx(gate.int8_img_s / max(gate.torch_img_s, gate.onnx_img_s, gate.openvino_img_s))
+    assert "int8 (openvino)" in str(gate) and "float OpenVINO" in str(gate)
+    quantization = read_metadata(int8_ir.path)["quantization"]
+    assert quantization["gate"] == json.loads(json.dumps(gate.to_dict()))
+    assert quantization["accuracy_control"] is True and quantization["calibration_images"] == 18  # train/: 6 per class
+    backend = OpenVinoBackend(int8_ir.path, "cpu")
+    assert backend.name == "openvino-int8" and backend.quantization == quantization
+    weights = [Path(p).with_suffix(".bin").stat().st_size for p in (int8_ir.path, float_ir.path)]
+    assert weights[0] < 0.4 * weights[1]  # int8 weights: about a quarter of float32's
+
+
+def test_predict_evaluate_and_info_take_the_int8_ir(int8_ir, data, tmp_path, cli_env):
+    images = sorted(str(p) for p in (data / "valid").glob("*/*"))
+    result = run_cli(["predict", *images, "-c", int8_ir.path, "-f", "jsonl"], cli_env)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 6 and all(r["predictions"][0]["label"] in CLASSES for r in rows)
+    info = run_cli(["info", int8_ir.path], cli_env)
+    assert info.returncode == 0, info.stderr
+    assert "(openvino, int8, sha256:" in info.stdout and "gate         passed on 6 held-out images" in info.stdout
+    assert "OpenVINO img/s" in info.stdout
+    from cnnkit.evaluate import evaluate
+
+    report = evaluate(EvaluateConfig(int8_ir.path, str(data), split="valid", device="cpu")).report
+    assert report["images"] == 6
+    with pytest.raises(ConfigError, match="export"):  # an export is read-only: no calibration stored in it
+        evaluate(EvaluateConfig(int8_ir.path, str(data), split="valid", calibrate=True))
+
+
+def test_serve_names_the_openvino_backend(int8_ir, float_ir, tmp_path):
+    pytest.importorskip("flask")
+    pytest.importorskip("prometheus_client")
+    from cnnkit.serve import create_app
+
+    for exported, backend in ((float_ir, "openvino"), (int8_ir, "openvino-int8")):
+        app = create_app(exported.path, torch_threads=torch.get_num_threads())
+        try:
+            client = app.test_client()
+            meta = client.get("/metadata").get_json()
+            assert meta["backend"] == backend and meta["format"] == "openvino"
+            assert (meta["quantization"] is None) == (backend == "openvino")
+            answer = client.post("/predict", json={"image": base64.b64encode(image_bytes(seed=3)).decode(), "top_k": 2})
+            assert answer.status_code == 200, answer.get_data(as_text=True)
+            assert len(answer.get_json()["results"][0]["predictions"]) == 2
+            assert f'backend="{backend}"'.encode() in client.get("/metrics").data
+        finally:
+            app.extensions["cnnkit"].close()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for suffix in (".xml", ".bin"):
+        shutil.copyfile(Path(float_ir.path).with_suffix(suffix), folder / f"model{suffix}")
+    assert model_file(str(folder)) == str(folder / "model.xml")  # a SageMaker-style folder holding the IR
+
+
+def test_a_failed_gate_is_exit_9_and_writes_nothing(checkpoint, data, tmp_path, cli_env):
+    output = tmp_path / "slow.int8.xml"
+    result = run_cli(["export", str(checkpoint), "--format", "openvino", "--int8", "--calibration-data", str(data),
+                      "--max-accuracy-drop", "100", "--min-speedup", "1000", "-o", str(output)], cli_env)
+    assert result.returncode == 9, result.stderr
+    assert_one_line_error(result.stderr, "failed its gate", "--min-speedup 1000", "nothing was written", "--ignore-gate")
+    assert list(tmp_path.iterdir()) == []  # no .xml, no .bin, no temporary ONNX left behind
+
+
+def test_missing_openvino_or_nncf_is_one_line(checkpoint, data, float_ir, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    for missing, config in (("openvino", ExportConfig(str(checkpoint), format="openvino", output=str(tmp_path / "m.xml"))),
+                            ("nncf", ExportConfig(str(checkpoint), format="openvino", output=str(tmp_path / "m.xml"),
+                                                  calibration_data=str(data), **LAX))):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, m=missing: None if name == m else real(name, *a))
+        with pytest.raises(ConfigError, match=rf"^{missing} is not installed.*pip install 'cnnkit\[openvino\]'$"):
+            export(config)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"openvino is not installed"):
+        Predictor(float_ir.path, "cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_irs_cnnkit_did_not_write_are_refused(float_ir, tmp_path):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([-1, 3], np.float32, name="x")
+    ov.save_model(ov.Model([ops.softmax(x, 1)], [x], "plain"), str(tmp_path / "plain.xml"))
+    with pytest.raises(CheckpointError, match="not a model exported by cnnkit"):
+        OpenVinoBackend(tmp_path / "plain.xml")
+    (tmp_path / "garbage.xml").write_bytes(b"\x00 not xml <")
+    with pytest.raises(CheckpointError, match="not a readable OpenVINO IR"):
+        Predictor(str(tmp_path / "garbage.xml"), "cpu")
+    lone = Path(shutil.copyfile(float_ir.path, tmp_path / "lone.xml"))
+    with pytest.raises(CheckpointError, match="lone.bin is missing"):
+        OpenVinoBackend(lone)
+    with pytest.raises(ConfigError, match="--device cpu or auto"):
+        OpenVinoBackend(float_ir.path, "cuda")
+
+
+def test_names_of_the_classes_travel(float_ir):
+    assert OpenVinoBackend(float_ir.path).checkpoint.class_names == NAMES
