@@ -4,7 +4,9 @@ For each architecture, in one run on one machine:
 
 1. ``cnnkit serve`` with ``--workers 1`` and ``--workers 2`` (defaults otherwise; optionally the
    ONNX export served with onnxruntime, ``--servers ... cnnkit-onnx-w2``, or its int8 export,
-   ``cnnkit-int8-w2``: each compared with the torch checkpoint at the same concurrency), the naive
+   ``cnnkit-int8-w2``, or the OpenVINO IR, ``cnnkit-openvino-w2``, or its int8 IR,
+   ``cnnkit-openvino-int8-w2``: each compared with the torch checkpoint at the same concurrency,
+   the int8 ones against the issue 13 target at concurrency 8), the naive
    tutorial-style server (``naive_server.py``: Flask's threaded server, one image per forward
    pass) and the same naive app under gunicorn with 2 sync workers; with ``--accept-delay-ms``,
    each cnnkit server once per value of ``CNNKIT_ACCEPT_DELAY_MS`` (0: first-come accept);
@@ -48,7 +50,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from limit import REPO, finish, machine, make_checkpoint, measure_limit, real_images, subprocess_env, summary  # noqa: E402
 
 HOST = "127.0.0.1"
-SERVERS = ["cnnkit-w1", "cnnkit-w2", "cnnkit-onnx-w2", "cnnkit-int8-w1", "cnnkit-int8-w2", "naive", "naive-gunicorn-w2"]
+SERVERS = ["cnnkit-w1", "cnnkit-w2", "cnnkit-onnx-w2", "cnnkit-int8-w1", "cnnkit-int8-w2", "cnnkit-openvino-w2",
+           "cnnkit-openvino-int8-w1", "cnnkit-openvino-int8-w2", "naive", "naive-gunicorn-w2"]
+# What a cnnkit server kind serves: "cnnkit-BACKEND-wN" -> (cnnkit export --format, --int8); "cnnkit-wN": the checkpoint.
+BACKENDS = {"onnx": ("onnx", False), "int8": ("onnx", True), "openvino": ("openvino", False),
+            "openvino-int8": ("openvino", True)}
+INT8_TARGET = 1.8  # issue 13: an int8 server's req/s at concurrency 8 / the torch server's, p95 lower
+
+
+def cnnkit_kind(kind: str) -> tuple[str | None, int]:
+    """``cnnkit-openvino-int8-w2`` -> ("openvino-int8", 2); ``cnnkit-w2`` -> (None, 2)."""
+    name, workers = kind.rsplit("-w", 1)
+    return name.removeprefix("cnnkit").removeprefix("-") or None, int(workers)
 
 
 def free_port() -> int:
@@ -105,12 +118,12 @@ def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay
     if accept_delay_ms is not None:
         env["CNNKIT_ACCEPT_DELAY_MS"] = accept_delay_ms
     if kind.startswith("cnnkit"):
-        workers = kind.rsplit("-w", 1)[1]
-        model = export_model(checkpoint, kind.split("-")[1], env)
+        backend, workers = cnnkit_kind(kind)
+        model = export_model(checkpoint, backend, env)
         # No shedding (the server before issue 16): this benchmark needs every request answered;
         # benchmarks/serve_ops.py measures overload.
         args = [sys.executable, "-m", "cnnkit", "serve", str(model), "--port", str(port),
-                "--workers", workers, "--device", "cpu", "--threads", "16", "--max-queue", "100000"]
+                "--workers", str(workers), "--device", "cpu", "--threads", "16", "--max-queue", "100000"]
     elif kind == "naive":
         args = [sys.executable, str(REPO / "benchmarks" / "naive_server.py"), "--port", str(port)]
     elif kind == "naive-gunicorn-w2":
@@ -126,23 +139,26 @@ def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def export_model(checkpoint: Path, backend: str, env: dict[str, str]) -> Path:
-    """The model file a cnnkit server kind serves: the checkpoint, its ONNX export, or its int8
-    ONNX export (calibrated on 128 photos of flowers-20 that the load does not send; the weights
-    are random, so the accuracy half of the gate means nothing here and --ignore-gate keeps the
-    model whatever it says: this benchmark measures serving speed)."""
-    if backend not in ("onnx", "int8"):
+def export_model(checkpoint: Path, backend: str | None, env: dict[str, str]) -> Path:
+    """The model file a cnnkit server kind serves (:data:`BACKENDS`): the checkpoint, its ONNX
+    export or OpenVINO IR, or their int8 versions (calibrated on 128 photos of flowers-20 that the
+    load does not send; the weights are random, so the accuracy half of the gate means nothing
+    here and --ignore-gate keeps the model whatever it says: this benchmark measures serving speed)."""
+    from cnnkit.export import default_output
+
+    if backend is None:
         return checkpoint
-    model = checkpoint.with_suffix(".int8.onnx" if backend == "int8" else ".onnx")
+    fmt, int8 = BACKENDS[backend]
+    model = Path(default_output(str(checkpoint), fmt, int8))
     if model.exists():
         return model
-    flags = []
-    if backend == "int8":
+    flags = ["--format", fmt]
+    if int8:
         calibration = checkpoint.parent / "calibration"
         calibration.mkdir(exist_ok=True)
         for src in real_images()[-128:]:  # valid/'s last; the payloads are test/'s first
             shutil.copyfile(src, calibration / f"{src.parent.name}_{src.name}")
-        flags = ["--int8", "--calibration-data", str(calibration), "--ignore-gate"]
+        flags += ["--int8", "--calibration-data", str(calibration), "--ignore-gate"]
     subprocess.run([sys.executable, "-m", "cnnkit", "-q", "export", str(checkpoint), "-o", str(model), *flags],
                    check=True, stdout=subprocess.DEVNULL, env=env)
     return model
@@ -292,23 +308,34 @@ def markdown(results: dict) -> str:
 
 
 def backend_table(results: dict) -> list[str]:
-    """The ONNX Runtime servers (float, int8) against the torch checkpoint's, same workers and load."""
+    """The exported models' servers (ONNX Runtime, OpenVINO; float, int8) against the torch
+    checkpoint's, same workers and load; an int8 server at concurrency 8 against issue 13's target."""
     lines = []
     for arch, r in results["archs"].items():
         for name, levels in r["rows"].items():
-            base_name = name.replace("-onnx", "").replace("-int8", "")
-            if name == base_name or base_name not in r["rows"]:
+            kind, sep, delay = name.partition(", ")
+            if not kind.startswith("cnnkit"):
+                continue
+            backend, workers = cnnkit_kind(kind)
+            base_name = f"cnnkit-w{workers}{sep}{delay}"
+            if backend is None or base_name not in r["rows"]:
                 continue
             if not lines:
-                lines = ["| arch, server vs torch | conc. | req/s | ratio | p95 ms | errors |",
-                         "| --- | ---: | --- | ---: | --- | ---: |"]
+                lines = ["| arch, server vs torch | conc. | req/s | ratio | p95 ms | errors | "
+                         f"int8 target (conc. 8: ≥ {INT8_TARGET:g}×, p95 lower) |",
+                         "| --- | ---: | --- | ---: | --- | ---: | --- |"]
             for c, row in levels.items():
                 base = r["rows"][base_name].get(c)
                 if base is None:
                     continue
+                ratio = row["rps"]["median"] / base["rps"]["median"]
+                target = "-"
+                if BACKENDS[backend][1] and c == 8:
+                    met = ratio >= INT8_TARGET and row["p95_ms"]["median"] < base["p95_ms"]["median"]
+                    target = "met" if met else "missed"
                 lines.append(f"| {arch}, {name} vs {base_name} | {c} | {fmt(base['rps'], 2)} → {fmt(row['rps'], 2)} | "
-                             f"**{row['rps']['median'] / base['rps']['median']:.2f}×** | {fmt(base['p95_ms'])} → "
-                             f"{fmt(row['p95_ms'])} | {row['errors']} |")
+                             f"**{ratio:.2f}×** | {fmt(base['p95_ms'])} → {fmt(row['p95_ms'])} | {row['errors']} | "
+                             f"{target} |")
     return lines
 
 
@@ -365,7 +392,8 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["resnet18", "densenet121"])
     parser.add_argument("--servers", nargs="+", default=["cnnkit-w1", "cnnkit-w2", "naive", "naive-gunicorn-w2"],
                         choices=SERVERS, help="cnnkit-onnx-w2 and cnnkit-int8-w* (not run by default) serve the "
-                        "float and the int8 ONNX export")
+                        "float and the int8 ONNX export, cnnkit-openvino-w2 and cnnkit-openvino-int8-w* the float and "
+                        "the int8 OpenVINO IR")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=96, help="requests per run of a level")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each level (medians, min–max)")
