@@ -283,7 +283,7 @@ def main() -> None:
                         help="a checkpoint trained on flowers-20, used by the accuracy part instead of training "
                         "(repeatable)")
     parser.add_argument("--train-size", type=int, default=128, help="image size of the trained models")
-    parser.add_argument("--budget", default="15m", help="cnnkit train --time-budget of the trained models")
+    parser.add_argument("--budget", default="15m", help="cnnkit train --time-budget of the trained models [default: 15m]")
     parser.add_argument("--epochs", type=int, default=None, help="train for this many epochs instead of --budget")
     parser.add_argument("--gate-flags", type=shlex.split, default=[], metavar="FLAGS",
                         help="more cnnkit export flags for every int8 export, as one string: "
