@@ -133,6 +133,8 @@ def main() -> None:
         "similarity": report["similarity"],
         "recall": sum(k["found"] for k in per_kind.values()) / len(planted), "per_kind": per_kind,
         "false_pairs_caused_by_planting": len(caused),
+        "pairs_caused_by_planting": [{"kind": p["kind"], "distance": p["distance"], "similarity": p["similarity"],
+                                      "a": p["a"]["path"], "b": p["b"]["path"]} for p in caused],
         "pairs_in_published_data": [{"kind": p["kind"], "distance": p["distance"], "similarity": p["similarity"],
                                      "a": p["a"], "b": p["b"]}
                                     for p in published.values()],
