@@ -23,7 +23,7 @@ from cnnkit.cli import main  # noqa: E402
 from cnnkit.config import InspectConfig, PreprocessConfig  # noqa: E402
 from cnnkit.errors import DataError  # noqa: E402
 from cnnkit.inspect_data import format_summary, inspect_data  # noqa: E402
-from cnnkit.label_issues import choose_folds, out_of_fold_probabilities, write_files  # noqa: E402
+from cnnkit.label_issues import HEAD_C, choose_folds, out_of_fold_probabilities, write_files  # noqa: E402
 
 from helpers import CLASSES, NAMES, assert_one_line_error, cli_subprocess_env, colour_image, run_cli  # noqa: E402
 
@@ -94,7 +94,7 @@ def test_the_planted_images_are_ranked_first_with_the_right_suggestion(backbone,
                                         **flags)).report
     found = report["label_issues"]
     assert_planted_first(found, planted)
-    assert found["folds"] == 5 and found["out_of_fold_accuracy"] >= 0.9
+    assert found["folds"] == 5 and found["out_of_fold_accuracy"] >= 0.9 and found["head_c"] in HEAD_C
     assert found["names"] == (NAMES if backbone == "checkpoint" else {})  # a checkpoint brings its names
     summary = format_summary(report)
     assert "label issues: " in summary and str(planted / "red" / "planted_blue.png") in summary
@@ -106,11 +106,24 @@ def test_out_of_fold_probabilities_are_seeded_and_never_from_a_head_that_saw_the
     features = rng.normal(size=(24, 6)).astype(np.float32)
     features[np.arange(24), labels] += 4.0  # separable
     features[0] = features[23]  # row 0 (class 0) is a copy of a class-2 row: only a head that saw it says 0
-    probs = out_of_fold_probabilities(features, labels, 3, 4, seed=1)
-    assert probs.shape == (24, 3) and np.allclose(probs.sum(axis=1), 1)
+    probs, c = out_of_fold_probabilities(features, labels, 3, 4, seed=1)
+    assert probs.shape == (24, 3) and np.allclose(probs.sum(axis=1), 1) and c in HEAD_C
     assert probs[0].argmax() == 2 and probs[0, 0] < 0.5
-    assert np.array_equal(probs, out_of_fold_probabilities(features, labels, 3, 4, seed=1))
-    assert not np.array_equal(probs, out_of_fold_probabilities(features, labels, 3, 4, seed=2))
+    assert np.array_equal(probs, out_of_fold_probabilities(features, labels, 3, 4, seed=1)[0])
+    assert not np.array_equal(probs, out_of_fold_probabilities(features, labels, 3, 4, seed=2)[0])
+
+
+def test_the_heads_take_the_regularisation_whose_out_of_fold_probabilities_fit_best():
+    from sklearn.metrics import log_loss
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    features = rng.normal(size=(120, 60))  # many features, few images, a weak signal: C=1 over-fits
+    features[np.arange(120), labels] += 1.0
+    probs, c = out_of_fold_probabilities(features, labels, 4, 5, seed=0, strengths=(0.01, 1.0))
+    losses = {s: log_loss(labels, out_of_fold_probabilities(features, labels, 4, 5, seed=0, strengths=(s,))[0])
+              for s in (0.01, 1.0)}
+    assert c == min(losses, key=losses.get) == 0.01
 
 
 def test_a_small_class_reduces_the_folds_and_a_single_image_class_is_one_line(caplog):
