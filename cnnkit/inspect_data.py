@@ -5,7 +5,7 @@ the reasons ``predict`` gives), tiny and very elongated images. Duplicates: the 
 (SHA-256 of the file) or a near-identical picture (imagehash's 64-bit perceptual hash, at most
 ``phash_distance`` bits apart: a re-encoded or slightly resized copy), within a split and across
 splits; with a backbone (a checkpoint, or an architecture and weights), also a similar picture:
-whitened backbone features at least ``similarity`` apart in cosine (cnnkit.data.similarity: a
+whitened backbone features with a cosine of at least ``similarity`` (cnnkit.data.similarity: a
 cropped copy, another shot of the same scene). The same picture in two splits is a leak
 (evaluation sees what training saw); under two labels, a label conflict. Needs the 'inspect'
 extra (imagehash). With ``label_issues``, also the images whose label looks wrong
@@ -99,7 +99,7 @@ def inspect_data(cfg: InspectConfig) -> InspectResult:
         if record.error is not None:
             log.warning("cannot read %s: %s", record.path, record.error)
     readable = [r for r in records if r.error is None]
-    features = backbone.features([r.path for r in readable], cfg) if backbone is not None else None
+    features = backbone.features([r.path for r in readable], cfg) if backbone is not None and readable else None
     pairs = duplicate_pairs(readable, cfg.phash_distance, None if features is None else whiten(features),
                             cfg.min_similarity)
     report = {
