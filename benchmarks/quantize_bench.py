@@ -72,6 +72,7 @@ ARTEFACTS: dict[str, tuple[str, bool] | None] = {
     "float OpenVINO": ("openvino", False),
     "int8 OpenVINO": ("openvino", True),
 }
+SERIAL = "int8 OpenVINO, --workers 0"  # the int8 IR decoding in turn with scoring (speed part only)
 TARGET_RATIO = 2.0  # whole-process predict with the best kept backend / the float32 limit
 TARGET_AGREEMENT = 0.99  # test top-1 agreement with the float checkpoint
 TARGET_CHANGE = 0.01  # test accuracy within 1 point of the float checkpoint's
@@ -176,13 +177,18 @@ def speed_part(arch: str, args, work: Path, folder: Path, calibration: Path) -> 
     limit = measure_limit(ckpt, args.limit_batch_sizes, min_batches=args.limit_batches, min_seconds=args.limit_seconds)
     print(f"[{arch}] exports", file=sys.stderr, flush=True)
     artefacts = export_all(ckpt, work / arch, calibration, args.gate_flags, gated=False)
-    for artefact in artefacts.values():  # warm-up: page cache
-        run(predict_cmd(folder, artefact["path"], []))
+    # Each artefact with cnnkit's defaults; the int8 IR also with --workers 0 (decoding in turn
+    # with scoring, not in a thread beside it), to show what that overlap gives.
+    artefacts[SERIAL] = artefacts["int8 OpenVINO"]
+    runs = {name: predict_cmd(folder, a["path"], ["--workers", "0"] if name == SERIAL else [])
+            for name, a in artefacts.items()}
+    for cmd in runs.values():  # warm-up: page cache
+        run(cmd)
     seconds: dict[str, list[float]] = {name: [] for name in artefacts}
     for repeat in range(args.repeats):
         print(f"[{arch}] whole-process runs, round {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
-        for name, artefact in artefacts.items():  # interleaved: a slow minute of the machine hits every one alike
-            seconds[name].append(run(predict_cmd(folder, artefact["path"], [])))
+        for name, cmd in runs.items():  # interleaved: a slow minute of the machine hits every one alike
+            seconds[name].append(run(cmd))
     n = len(list(folder.glob("*/*.jpg")))
     rows = {name: {"img_s": summary([n / s for s in v]), "ratio": summary([n / s / limit.img_s for s in v]),
                    "kept": artefacts[name]["kept"], "refused": artefacts[name].get("refused"),
@@ -198,7 +204,7 @@ def best_kept(result: dict) -> dict | None:
     if speed is None:
         return None
     verdicts = accuracy["models"] if accuracy else speed["predict"]
-    name = max((n for n in speed["predict"] if verdicts[n]["kept"]), key=lambda n: speed["predict"][n]["img_s"]["median"])
+    name = max((n for n in speed["predict"] if n != SERIAL and verdicts[n]["kept"]), key=lambda n: speed["predict"][n]["img_s"]["median"])
     row = speed["predict"][name]
     best = {"name": name, "gate_from": "accuracy part (trained model)" if accuracy else "speed part (speed half)",
             "img_s": row["img_s"], "ratio": row["ratio"], "ratio_met": row["ratio"]["median"] >= TARGET_RATIO}
@@ -277,8 +283,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="*", default=["resnet18", "mobilenet_v3_large", "densenet121"],
                         help="archs of the speed part (none: the accuracy part only)")
-    parser.add_argument("--accuracy-archs", nargs="+", default=None,
-                        help="archs of the accuracy part [default: --archs; with --checkpoint, those archs too]")
+    parser.add_argument("--accuracy-archs", nargs="*", default=None,
+                        help="archs of the accuracy part [default: --archs; with --checkpoint, those archs too; "
+                        "none: the speed part only]")
     parser.add_argument("--checkpoint", type=checkpoint_option, action="append", default=[], metavar="ARCH=PATH",
                         help="a checkpoint trained on flowers-20, used by the accuracy part instead of training "
                         "(repeatable)")
@@ -296,7 +303,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "out" / "quantize_bench.json")
     args = parser.parse_args()
     args.checkpoints = dict(args.checkpoint)
-    accuracy_archs = list(dict.fromkeys([*(args.accuracy_archs or args.archs), *args.checkpoints]))
+    accuracy_archs = list(dict.fromkeys([*(args.archs if args.accuracy_archs is None else args.accuracy_archs),
+                                         *args.checkpoints]))
 
     started = time.time()
     results: dict = {"command": "python benchmarks/quantize_bench.py " + shlex.join(sys.argv[1:]),

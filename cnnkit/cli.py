@@ -148,7 +148,8 @@ _scoring_options = _options(
     click.option("--batch-size", type=int, default=None, help="Images per forward pass [default: 8 on a CPU, 32 on a GPU]."),
     click.option(
         "--workers", type=int, default=None,
-        help="Decoding worker processes [default: none on a CPU with 2 cores or fewer, else one per core, up to 4].",
+        help="Decoding worker processes [default: none on a CPU with 2 cores or fewer (an export's images are then "
+        "decoded in a thread beside scoring; 0 given: in turn), else one per core, up to 4].",
     ),
 )
 # The model, data and optimisation options of a training run; lr-find takes them too.

@@ -4,12 +4,17 @@ folder of the commands that write one."""
 from __future__ import annotations
 
 import os
+import queue
 import random
+import threading
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from .errors import ConfigError, OutputError
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,6 +66,51 @@ def default_workers(requested: int | None) -> int:
     if requested is not None:
         return requested
     return min(4, available_cores())
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items``, each produced by a background thread up to ``depth`` ahead of the consumer.
+
+    For work that releases the GIL on both sides (decoding images beside a forward pass): the
+    two overlap on different cores. The producer's exceptions are raised in the consumer; a
+    consumer that stops early stops the producer after the item in hand.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed over and raised where the consumer is
+            put((end, exc))
+            return
+        put((end, None))
+
+    thread = threading.Thread(target=produce, name="cnnkit-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = handoff.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def seed_everything(seed: int) -> None:

@@ -113,6 +113,33 @@ def test_predictor_runs_the_onnx_model_like_the_checkpoint(onnx_export, checkpoi
         assert [g.probability for g in g_row] == pytest.approx([w.probability for w in w_row], abs=PARITY_ATOL)
 
 
+def test_an_exports_batches_are_decoded_in_a_thread_beside_scoring_unless_workers_0(onnx_export, tmp_path,
+                                                                                   monkeypatch):
+    """On a CPU with at most 2 cores an export's batches are decoded in a prefetch thread while
+    ONNX Runtime scores the previous one; ``--workers 0`` decodes them in turn, in the main thread;
+    the rows are the same either way."""
+    import threading
+
+    from cnnkit.inference import predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "available_cores", lambda: 2)
+    paths = []
+    for seed in range(5):
+        paths.append(str(tmp_path / f"{seed}.png"))
+        Path(paths[-1]).write_bytes(image_bytes(seed))
+    decoded_in = []
+    predictor = Predictor(onnx_export.path, "cpu")
+    transform = predictor.transform
+    predictor.transform = lambda image: (decoded_in.append(threading.current_thread().name), transform(image))[1]
+
+    overlapped = [(p.path, p.top) for p in predictor.predict_paths(paths, top_k=2, batch_size=2)]
+    assert set(decoded_in) == {"cnnkit-prefetch"}
+    decoded_in.clear()
+    in_turn = [(p.path, p.top) for p in predictor.predict_paths(paths, top_k=2, batch_size=2, workers=0)]
+    assert set(decoded_in) == {threading.main_thread().name}
+    assert overlapped == in_turn
+
+
 def test_cli_predict_accepts_an_onnx_model(onnx_export, tmp_path, cli_env):
     image = tmp_path / "photo.png"
     image.write_bytes(image_bytes(seed=1))

@@ -53,11 +53,11 @@ def test_policy_none_trains_on_the_eval_pipeline(photo):
 
 def test_the_trivial_policy_is_torchvisions_trivial_augment_after_the_crop_and_flip():
     names = [type(step).__name__ for step in build_transforms(PreprocessConfig(policy="trivial"), train=True).transforms]
-    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide", "ToTensor", "Normalize"]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide", "NormalizedTensor"]
     names = [type(step).__name__ for step in build_transforms(
         PreprocessConfig(policy="rand", vflip=0.5, rot90=True, random_erase=0.25), train=True).transforms]
     assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRot90", "RandAugment",
-                     "ToTensor", "Normalize", "RandomErasing"]
+                     "NormalizedTensor", "RandomErasing"]
 
 
 def test_rot90_turns_by_every_multiple_of_90_degrees_without_loss(photo):

@@ -9,6 +9,8 @@ from PIL import Image
 
 from cnnkit.config import PreprocessConfig
 from cnnkit.data.transforms import (
+    CenterCrop,
+    NormalizedTensor,
     build_transforms,
     is_image_file,
     load_image,
@@ -45,6 +47,56 @@ def test_eval_pipeline_normalises_with_the_configured_mean_and_std():
     tensor = build_transforms(cfg, train=False)(image)
     expected = torch.tensor([(1.0 - 0.5) / 0.5, (0.0 - 0.25) / 0.25, (0.2 - 0.0) / 1.0])
     assert torch.allclose(tensor.mean(dim=(1, 2)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_eval_pipeline_is_torchvisions_resize_center_crop_to_tensor_normalize_value_for_value(interpolation):
+    """Built without torchvision (scoring an export must not import it), the eval pipeline gives
+    torchvision's tensors exactly: portrait, landscape, odd and even margins, images already at
+    the resize size, and images smaller than the crop (padded the way torchvision pads)."""
+    from torchvision import transforms as T
+
+    cfg = PreprocessConfig(image_size=24, resize_size=28, interpolation=interpolation, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    ours = build_transforms(cfg, train=False)
+    mode = T.InterpolationMode(interpolation)
+    theirs = T.Compose([T.Resize(28, interpolation=mode), T.CenterCrop(24), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    rng = np.random.default_rng(1)
+    for size in [(28, 28), (28, 41), (41, 28), (57, 30), (30, 57), (100, 77), (29, 1000 // 29), (255, 256)]:
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+        assert torch.equal(ours(image), theirs(image)), size
+    for size in [(20, 20), (21, 19), (23, 24)]:  # smaller than the crop: padded
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+        crop = CenterCrop(30)
+        assert np.array_equal(np.asarray(crop(image)), np.asarray(T.CenterCrop(30)(image))), size
+
+
+def test_scoring_an_export_does_not_import_torchvision():
+    """torchvision's import pulls in torch._dynamo (seconds of every cnnkit predict): the eval
+    pipeline, the predictor and the export backends must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import cnnkit.inference.predict, cnnkit.inference.onnx, cnnkit.inference.openvino; "
+            "from cnnkit.data.transforms import build_transforms; from cnnkit.config import PreprocessConfig; "
+            "build_transforms(PreprocessConfig(), train=False); print('torchvision' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_normalized_tensor_gives_torchvisions_to_tensor_and_normalize_bit_for_bit(mode):
+    """The one-step lookup is the two torchvision steps' arithmetic: every one of the 256 levels
+    of every channel, and a noisy photo-like image, give the very same floats."""
+    from torchvision import transforms as T
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # 1 x 256, every level
+    noisy = np.random.default_rng(0).integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    for pixels in (levels, noisy):
+        image = Image.fromarray(pixels, "RGB").convert(mode).convert("RGB")
+        expected = T.Normalize(mean, std)(T.ToTensor()(image))
+        actual = NormalizedTensor(mean, std)(image)
+        assert actual.shape == expected.shape and actual.dtype == torch.float32
+        assert torch.equal(actual, expected)
 
 
 def test_train_pipeline_outputs_image_size_squares_from_any_shape(rgb_file):

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.exported import is_exported_model, is_openvino_file
 from ..models.openset import OpenSetScorer, capture_features, check_open_set
-from ..runtime import available_cores, resolve_device
+from ..runtime import available_cores, prefetch, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ def scoring_defaults(device: torch.device, batch_size: int | None, workers: int 
     Measured on a 2-core CPU (benchmarks/RESULTS.md): CPU inference is cache-bound, so batches
     of 4-8 ran 1.3-2x faster than 32; and decoding workers there only take cores from torch's
     threads (0 workers was as fast or faster than 1 or 2). With more cores, or a GPU doing the
-    arithmetic, decoding in workers overlaps with the forward pass.
+    arithmetic, decoding in workers overlaps with the forward pass. (With 0 workers not asked for,
+    an exported model's batches are still decoded beside scoring, in a thread: see
+    :meth:`Predictor.score_paths_with_distance`.)
     """
     if batch_size is None:
         batch_size = CPU_BATCH_SIZE if device.type == "cpu" else GPU_BATCH_SIZE
@@ -231,6 +233,7 @@ class Predictor:
     ) -> Iterator[tuple[str, torch.Tensor | None, float | None, str | None]]:
         """:meth:`score_paths`' rows, each with the image's open-set feature distance (None
         without open-set statistics, or when ``distances`` is False) before the error."""
+        overlap = workers is None  # --workers 0, asked for: decoding in the main thread, in turn with scoring
         batch_size, workers = scoring_defaults(self.device, batch_size, workers)
         n_batches = math.ceil(len(paths) / batch_size)
         workers = min(workers, n_batches if n_batches > 1 else 0)
@@ -240,8 +243,12 @@ class Predictor:
             num_workers=workers,
             collate_fn=collate,
         )
+        # An export's runtime scores in its own threads with the GIL released: decoding the next
+        # batch in a thread meanwhile is faster end to end than in turn (benchmarks/RESULTS.md,
+        # Quantization); torch's forward pass gained nothing from it.
+        batches = prefetch(loader) if overlap and not workers and self.backend is not None else loader
         with tqdm(total=len(paths), unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
-            for images, indices, errors in loader:
+            for images, indices, errors in batches:
                 probs, distance = self.scores(images, calibrated, distances) if images is not None else (None, None)
                 good = iter(range(len(probs)) if probs is not None else [])
                 for index, error in zip(indices.tolist(), errors):
