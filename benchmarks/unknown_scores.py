@@ -8,7 +8,9 @@ as a detector of the 5 unseen classes on test/ (AUROC, FPR at 95 % TPR, higher s
 maximum softmax probability, max logit, energy; Mahalanobis distance to the nearest class mean
 (shared covariance, ridge 0.05 or 0.01 of the mean variance, as cnnkit.models.openset fits it)
 and k-NN cosine distance to the training features (Sun et al. 2022; k = 1, 10, 50) per layer;
-sums of z-scores (standardised on valid/) of the confidence and one or more distances.
+sums of z-scores (standardised on valid/) of the confidence and one or more distances; the
+relative Mahalanobis distance (Ren et al. 2021: less the distance to one Gaussian of all the
+training features), ridge 0.01 or 0.001.
 
     python benchmarks/unknown_scores.py /work/keep/unknown/best.pt
 """
@@ -77,15 +79,18 @@ res = {}
 res['msp'] = separation(msp(TE), msp(UN)); res['maxlogit'] = separation(TE['logits'].max(1), UN['logits'].max(1)); res['energy'] = separation(energy(TE), energy(UN))
 dists = {}
 for layer in ['layer2', 'layer3', 'layer4']:
-    for name, f in [('maha', maha(layer)), ('maha.01', maha(layer, 0.01)), ('knn10', knn(layer)), ('knn1', knn(layer, 1)), ('knn50', knn(layer, 50))]:
+    for name, f in [('maha', maha(layer)), ('maha.01', maha(layer, 0.01)), ('maha.001', maha(layer, 0.001)),
+                    ('rmd.01', maha(layer, 0.01, relative=True)), ('rmd.001', maha(layer, 0.001, relative=True)),
+                    ('knn10', knn(layer)), ('knn1', knn(layer, 1)), ('knn50', knn(layer, 50))]:
         dv, dt, du = f(VA[layer]), f(TE[layer]), f(UN[layer]); dists[(layer, name)] = (dv, dt, du)
         res[f'{layer} {name}'] = separation(-dt, -du)
-for key in [('layer4', 'maha'), ('layer4', 'knn10'), ('layer3', 'maha'), ('layer3', 'knn10'), ('layer2', 'maha')]:
+for key in [('layer4', 'maha'), ('layer4', 'knn10'), ('layer3', 'maha'), ('layer3', 'knn10'), ('layer2', 'maha'),
+            ('layer4', 'rmd.001'), ('layer3', 'rmd.001')]:
     dv, dt, du = dists[key]; cv = msp(VA)
     res[f'z(msp)-z({key})'] = separation(z(cv, msp(TE)) - z(dv, dt), z(cv, msp(UN)) - z(dv, du))
     ev = energy(VA); res[f'z(energy)-z({key})'] = separation(z(ev, energy(TE)) - z(dv, dt), z(ev, energy(UN)) - z(dv, du))
 # multi-layer sum of z distances
-for combo in [[('layer3', 'maha'), ('layer4', 'maha')], [('layer2', 'maha'), ('layer3', 'maha'), ('layer4', 'maha')], [('layer3', 'knn10'), ('layer4', 'knn10')]]:
+for combo in [[('layer3', 'rmd.001'), ('layer4', 'rmd.001')], [('layer3', 'maha'), ('layer4', 'maha')], [('layer2', 'maha'), ('layer3', 'maha'), ('layer4', 'maha')], [('layer3', 'knn10'), ('layer4', 'knn10')]]:
     cv = msp(VA); kt = z(cv, msp(TE)); ku = z(cv, msp(UN))
     for key in combo: dv, dt, du = dists[key]; kt = kt - z(dv, dt); ku = ku - z(dv, du)
     res['z(msp)-' + '-'.join(f'z({k})' for k in combo)] = separation(kt, ku)

@@ -2,12 +2,12 @@
 
 ``load_image`` decodes a file the same way everywhere (EXIF orientation, colour modes, size
 limit); ``build_transforms`` builds the train (augmenting) or eval (deterministic) pipeline from a
-:class:`~cnnkit.config.PreprocessConfig`. The eval pipeline is torchvision's Resize, CenterCrop,
-ToTensor and Normalize on PIL images, value for value (tests compare them), done with PIL and
-numpy so that scoring with an exported model never imports torchvision: its import pulls in
-torch._dynamo, about 2 s of every ``cnnkit predict`` on a 2-core machine (benchmarks/RESULTS.md). The config is stored in every checkpoint, and inference
-rebuilds its pipeline from it, so the two can never diverge. ``build_batch_mix`` is the training
-batches' augmentation (MixUp, CutMix): torchvision.transforms.v2's.
+:class:`~cnnkit.config.PreprocessConfig`. The config is stored in every checkpoint, and inference
+rebuilds its pipeline from it, so the two can never diverge. The eval pipeline is torchvision's
+Resize, CenterCrop, ToTensor and Normalize on PIL images, value for value (tests compare them),
+done with PIL and numpy so that scoring an exported model never imports torchvision, whose import
+pulls in torch._dynamo: seconds of every ``cnnkit predict`` (benchmarks/RESULTS.md, Quantization).
+``build_batch_mix`` is the training batches' augmentation (MixUp, CutMix): torchvision.transforms.v2's.
 """
 
 from __future__ import annotations
@@ -153,8 +153,8 @@ class NormalizedTensor:
     values bit for bit: each channel's 256 possible results are computed once, in float32 and in
     the same order (x / 255, - mean, / std), and looked up per pixel.
 
-    About 1.5x faster than the two torchvision steps, and numpy is single-threaded: it runs beside
-    the model (in the decoding thread of ``inference.predictor``) without waking torch's pool.
+    Faster than the two torchvision steps, and numpy is single-threaded: it runs beside the model
+    (in the decoding thread of ``inference.predictor``) without waking torch's thread pool.
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
