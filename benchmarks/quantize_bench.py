@@ -21,7 +21,8 @@ benchmark here: throughput does not depend on their values): the float32 torch l
 whole-process ``cnnkit predict`` of ``--images`` photos (start-up included, ``--repeats`` runs,
 interleaved) with each artefact (the int8 ones calibrated on 128 photos the prediction does not
 score, ``--ignore-gate``: the gate's own speed figures are reported beside), each as a ratio to
-the limit.
+the limit; the int8 IR also with ``--workers 0`` (decoding in turn with scoring instead of in a
+thread beside it). ``--accuracy-archs`` with no names runs the speed part alone.
 
 **The best kept backend** of an architecture is its fastest artefact in the speed part among those
 kept: the float ones always, an int8 one when its gate passed: the accuracy part's gate (the
