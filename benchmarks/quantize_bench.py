@@ -15,14 +15,17 @@ top-1 accuracy of every artefact and its top-1 agreement with the float checkpoi
 its gate refuses is recorded with the gate's message, and measured anyway (``--ignore-gate``) to
 say by how much it failed.
 
-**Speed** (at the architecture's own 224 px; weights random and seeded, as in every speed
-benchmark here: throughput does not depend on their values): the float32 torch limit
+**Speed** (at the architecture's own 224 px): the float32 torch limit
 (``limit.py``: forward-only, best layout and batch size, one process, a thread per core), then
 whole-process ``cnnkit predict`` of ``--images`` photos (start-up included, ``--repeats`` runs,
 interleaved) with each artefact (the int8 ones calibrated on 128 photos the prediction does not
 score, ``--ignore-gate``: the gate's own speed figures are reported beside), each as a ratio to
 the limit; the int8 IR also with ``--workers 0`` (decoding in turn with scoring instead of in a
-thread beside it). ``--accuracy-archs`` with no names runs the speed part alone.
+thread beside it). ``--accuracy-archs`` with no names runs the speed part alone. The weights are
+the accuracy part's trained ones where this run has them, with the architecture's 224-px
+preprocessing: an int8 IR's layers reverted to float (``--min-agreement``) depend on them, so
+random weights would time another model; elsewhere random and seeded (the float runtimes'
+throughput does not depend on the weights' values).
 
 **The best kept backend** of an architecture is its fastest artefact in the speed part among those
 kept: the float ones always, an int8 one when its gate passed: the accuracy part's gate (the
@@ -172,8 +175,23 @@ def accuracy_part(arch: str, args, work: Path) -> dict:
     return {"training": training, "test_images": len(test), "models": models}
 
 
+def speed_checkpoint(arch: str, args, work: Path) -> tuple[Path, str]:
+    """The speed part's checkpoint and what its weights are (module docstring)."""
+    import dataclasses
+
+    from cnnkit.data.transforms import resolve_preprocess
+    from cnnkit.models.checkpoint import load_checkpoint
+
+    path = work / f"{arch}.pt"
+    if arch not in args.accuracy_archs:
+        return make_checkpoint(arch, path), "random, seeded"
+    ckpt = load_checkpoint(str(trained(arch, args)[0]))
+    dataclasses.replace(ckpt, preprocess=resolve_preprocess(arch)).save(path)
+    return path, "the accuracy part's trained weights, at 224 px"
+
+
 def speed_part(arch: str, args, work: Path, folder: Path, calibration: Path) -> dict:
-    ckpt = make_checkpoint(arch, work / f"{arch}.pt")
+    ckpt, weights = speed_checkpoint(arch, args, work)
     print(f"[{arch}] limit", file=sys.stderr, flush=True)
     limit = measure_limit(ckpt, args.limit_batch_sizes, min_batches=args.limit_batches, min_seconds=args.limit_seconds)
     print(f"[{arch}] exports", file=sys.stderr, flush=True)
@@ -195,7 +213,7 @@ def speed_part(arch: str, args, work: Path, folder: Path, calibration: Path) -> 
                    "kept": artefacts[name]["kept"], "refused": artefacts[name].get("refused"),
                    "gate": artefacts[name].get("gate")}
             for name, v in seconds.items()}
-    return {"limit": limit.to_dict(), "limit_text": limit.describe(), "predict": rows, "images": n}
+    return {"limit": limit.to_dict(), "limit_text": limit.describe(), "predict": rows, "images": n, "weights": weights}
 
 
 def best_kept(result: dict) -> dict | None:
@@ -244,15 +262,16 @@ def markdown(results: dict) -> str:
             out.append(f"| {arch} | {trained_text} | {t['best_val_acc']:.1%} | {name} | {verdict_text(m)} | "
                        f"{m['test_accuracy']:.1%} | {100 * (m['test_accuracy'] - reference):+.1f} pt | "
                        f"{m['test_agreement']:.1%} |")
-    out += ["", "| arch | float32 limit (224 px) | cnnkit predict, whole process | img/s | ratio to the limit | "
-            "int8 gate (random weights): speed-up vs the faster float |", "| --- | --- | --- | ---: | ---: | --- |"]
+    out += ["", "| arch | weights | float32 limit (224 px) | cnnkit predict, whole process | img/s | ratio to the limit | "
+            "int8 gate: speed-up vs the faster float |", "| --- | --- | --- | --- | ---: | ---: | --- |"]
     for arch, r in results["archs"].items():
         s = r.get("speed")
         if s is None:
             continue
         for name, row in s["predict"].items():
             gate = "" if row["gate"] is None else gate_text(row["gate"]) + ("" if row["kept"] else ", refused")
-            out.append(f"| {arch} | {s['limit_text']} | {name} | {fmt(row['img_s'])} | {fmt(row['ratio'], 2)} | {gate} |")
+            out.append(f"| {arch} | {s.get('weights', 'random, seeded')} | {s['limit_text']} | {name} | "
+                       f"{fmt(row['img_s'])} | {fmt(row['ratio'], 2)} | {gate} |")
     out += ["", f"| arch | best kept backend | gates from | img/s | ratio to the limit (target ≥ {TARGET_RATIO:g}×) | "
             f"test agreement (≥ {TARGET_AGREEMENT:.0%}), change (within {100 * TARGET_CHANGE:g} pt) |",
             "| --- | --- | --- | ---: | --- | --- |"]
@@ -304,8 +323,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "out" / "quantize_bench.json")
     args = parser.parse_args()
     args.checkpoints = dict(args.checkpoint)
-    accuracy_archs = list(dict.fromkeys([*(args.archs if args.accuracy_archs is None else args.accuracy_archs),
-                                         *args.checkpoints]))
+    args.accuracy_archs = accuracy_archs = list(dict.fromkeys(
+        [*(args.archs if args.accuracy_archs is None else args.accuracy_archs), *args.checkpoints]))
 
     started = time.time()
     results: dict = {"command": "python benchmarks/quantize_bench.py " + shlex.join(sys.argv[1:]),

@@ -19,40 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from cnnkit.models.checkpoint import load_checkpoint
-from cnnkit.data.folders import ImageDataset, collate
-from cnnkit.data.transforms import build_transforms
+
 from cnnkit.evaluate import separation
+from cnnkit.models.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limit import FLOWERS_20  # noqa: E402
+from unknown_features import class_split, features as feats, listing  # noqa: E402
 
 torch.set_num_threads(2)
-ck = load_checkpoint(sys.argv[1]); F20 = FLOWERS_20
-classes = sorted(p.name for p in (F20/'train').iterdir()); known, unknown = classes[:15], classes[15:]
+ck = load_checkpoint(sys.argv[1])
+known, unknown = class_split()
 model = ck.build_model(torch.device('cpu')).eval()
-layers = {'layer2': model.layer2, 'layer3': model.layer3, 'layer4': model.layer4}
-def feats(paths):
-    out = {k: [] for k in [*layers, 'logits']}
-    hooks = [m.register_forward_hook(lambda m, i, o, k=k: out[k].append(o.float().mean((2, 3)))) for k, m in layers.items()]
-    ds = ImageDataset(paths, build_transforms(ck.preprocess, train=False))
-    with torch.inference_mode():
-        for x, _, _ in DataLoader(ds, batch_size=32, collate_fn=collate, num_workers=1):
-            out['logits'].append(model(x).float())
-    for h in hooks: h.remove()
-    return {k: torch.cat(v).double().numpy() for k, v in out.items()}
-def listing(split, names):
-    ps, ys = [], []
-    for i, c in enumerate(names):
-        for p in sorted((F20/split/c).iterdir()): ps.append(str(p)); ys.append(i)
-    return ps, np.array(ys)
 tr_p, tr_y = listing('train', known); va_p, _ = listing('valid', known); te_p, te_y = listing('test', known); un_p, _ = listing('test', unknown)
 cache = Path(sys.argv[1]).with_suffix('.study.npz')
 if cache.exists():
     d = np.load(cache, allow_pickle=True); TR, VA, TE, UN = (d[k].item() for k in ('tr', 'va', 'te', 'un'))
 else:
-    TR, VA, TE, UN = feats(tr_p), feats(va_p), feats(te_p), feats(un_p); np.savez(cache, tr=TR, va=VA, te=TE, un=UN)
+    TR, VA, TE, UN = (feats(model, ck, p) for p in (tr_p, va_p, te_p, un_p)); np.savez(cache, tr=TR, va=VA, te=TE, un=UN)
 def maha(layer, ridge=0.05, relative=False):
     X = TR[layer]; C = 15
     means = np.stack([X[tr_y == c].mean(0) for c in range(C)]); cen = X - means[tr_y]

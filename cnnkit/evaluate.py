@@ -400,7 +400,7 @@ def _score(predictor: Any, cfg: EvaluateConfig,
             unreadable.append({"path": path, "error": error})
             log.warning("cannot score %s: %s", path, error)
             continue
-        rows.append((path, probs.numpy()))
+        rows.append((path, probs))
         distances.append(distance)
     return rows, unreadable, np.asarray(distances) if predictor.open_set is not None else None
 

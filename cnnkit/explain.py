@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -81,7 +82,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
             rows.append(Explanation(path, error=error[1]))
             continue
         probs = predictor.probabilities(tensor[None])[0]
-        order = probs.argsort(descending=True).tolist()
+        order = np.argsort(-probs, kind="stable").tolist()
         chosen = [target] if target is not None else order[:top_k]
         heat = mapper.maps(tensor[None].expand(len(chosen), -1, -1, -1), chosen)
         view = model_view(tensor, predictor.checkpoint.preprocess)

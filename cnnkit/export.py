@@ -234,7 +234,9 @@ def check_parity(reference: nn.Module, path: str, fmt: str, image_size: int) -> 
     """Compare the exported file's probabilities with ``reference``'s on seeded random batches."""
     if fmt in ("onnx", "openvino"):
         backend = OnnxBackend(path, device="cpu") if fmt == "onnx" else OpenVinoBackend(path, device="cpu")
-        run = backend.probabilities
+
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(backend.probabilities(batch))
     else:
         loaded = load_torchscript(path)
 

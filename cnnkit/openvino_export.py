@@ -6,12 +6,15 @@ temperature in, dynamic batch) by the OpenVINO core's ONNX reader, then saved wi
 weights (``save_model`` would halve them to float16 by default, off the parity tolerance), and
 cnnkit's metadata in its rt_info.
 
-int8: ``nncf.quantize`` calibrates on images preprocessed by the checkpoint's own eval pipeline
-(:func:`cnnkit.quantize.batches`); when the data is labelled, ``nncf.quantize_with_accuracy_control``
-instead, which reverts the layers that cost the most top-1 accuracy on the held-out images to
-float until the drop is at most ``--max-accuracy-drop``. Those held-out images then also measure
-the gate (:func:`cnnkit.quantize.quantize_and_gate`), against the torch checkpoint, the float
-ONNX export and the float IR.
+int8: NNCF calibrates on images preprocessed by the checkpoint's own eval pipeline
+(:func:`cnnkit.quantize.batches`), with ``nncf.quantize_with_accuracy_control`` measuring top-1
+*agreement with the float model* on the held-out images (labelled or not): the layers that change
+the most answers are reverted to float until at least ``--min-agreement`` of them keep the float
+model's top-1 (``0``: plain ``nncf.quantize``). Agreement rather than accuracy, because the answers
+a user sees change with every disagreement, right or wrong, and an accuracy that nets gains against
+losses hides them; and the agreement bounds the accuracy change. The held-out images then also
+measure the gate (:func:`cnnkit.quantize.quantize_and_gate`), against the torch checkpoint, the
+float ONNX export and the float IR.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from .models.exported import set_openvino_metadata
 from .quantize import GateImages, GateReport, Runtime, batches, quantize_and_gate
 
 log = logging.getLogger(__name__)
+
+# Held-out images scored in one call by the accuracy control's metric: NNCF re-scores them once per
+# group of quantizers it ranks (about 120 for densenet121), and one image a call took over 25 minutes
+# there on 2 cores (benchmarks/RESULTS.md, Quantization).
+VALIDATION_BATCH = 16
 
 
 def convert_to_ir(onnx_path: str, xml_path: str, meta: dict[str, Any]) -> None:
@@ -64,9 +72,11 @@ class DecodedImages:
                 yield image[None].numpy(), self.labels[i] if self.labels is not None else -1
 
 
-def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateImages, max_drop: float) -> dict[str, Any]:
+def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateImages,
+                min_agreement: float) -> dict[str, Any]:
     """Write the int8 version of the float IR ``float_xml`` to ``int8_xml`` (NNCF; with accuracy
-    control when ``images`` are labelled, ``max_drop`` points at most); return its settings."""
+    control keeping the float top-1 of at least ``min_agreement`` of the held-out images, where it
+    is above 0); return its settings."""
     require_extra("openvino", "openvino", "nncf")
     os.environ.setdefault("NNCF_CI", "1")  # read when nncf is imported: otherwise it sends usage telemetry
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # nncf.torch's import: "No CUDA runtime"
@@ -76,9 +86,13 @@ def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateIma
     nncf.set_log_level(logging.ERROR)  # its INFO lines would mix with cnnkit's output
     calibration = DecodedImages(ckpt, images.calibration)
     model = ov.Core().read_model(float_xml)
+    if min_agreement > 0:
+        log.info("int8: reverting the layers that change the most answers to float until %.1f%% of the held-out "
+                 "images keep the float model's top-1 (each layer is tried: minutes for deep models on a few "
+                 "cores; --min-agreement 0 skips this)", 100 * min_agreement)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars (rich) would mix with cnnkit's output
-            quantized = _quantize(nncf, model, calibration, ckpt, images, max_drop)
+            quantized = _quantize(nncf, model, calibration, ckpt, images, min_agreement)
         ov.save_model(quantized, int8_xml, compress_to_fp16=False)
     except CnnkitError:
         raise
@@ -86,30 +100,50 @@ def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateIma
         raise CnnkitError(f"int8 quantization (NNCF) failed: {first_line(exc)}") from None
     if not calibration.seen:
         raise DataError("no calibration image could be decoded")
-    control = images.labels is not None
+    control = min_agreement > 0
     return {"method": "NNCF post-training quantization (OpenVINO), int8 weights and activations"
-                      + (f", accuracy control (at most {max_drop:g} points on the held-out images)" if control else ""),
+                      + (f", accuracy control (layers reverted to float until at least {min_agreement:.1%} of the "
+                         "held-out images keep the float model's top-1)" if control else ""),
             "calibration_method": "NNCF's", "calibration_images": calibration.seen, "accuracy_control": control,
-            "nncf": nncf.__version__}
+            "min_agreement": min_agreement, "nncf": nncf.__version__}
 
 
 def _quantize(nncf: Any, model: Any, calibration: DecodedImages, ckpt: Checkpoint, images: GateImages,
-              max_drop: float) -> Any:
-    """``nncf.quantize``, or ``quantize_with_accuracy_control`` on the labelled held-out images."""
+              min_agreement: float) -> Any:
+    """``nncf.quantize``, or ``quantize_with_accuracy_control`` on agreement with the float model."""
     import numpy as np
+    import openvino as ov
 
     dataset = nncf.Dataset(calibration, lambda item: item[0])
     common = dict(subset_size=len(images.calibration), target_device=nncf.TargetDevice.CPU)
-    if images.labels is None:
+    if min_agreement <= 0:
         return nncf.quantize(model, dataset, **common)
+    # Each held-out image with its index for a label: the float model's answer is looked up by it.
+    held_out = DecodedImages(ckpt, images.held_out, list(range(len(images.held_out))))
+    float_model = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})  # as NNCF runs it
+    answers = {index: int(np.argmax(float_model(image)[0])) for image, index in held_out}
 
-    def top1(compiled: Any, items: Any) -> tuple[float, list[float]]:
-        hits = [float(int(np.argmax(compiled(image)[0])) == label) for image, label in items]
-        return (sum(hits) / len(hits) if hits else 0.0), hits
+    def agreement(compiled: Any, items: Any) -> tuple[float, list[float]]:
+        """The share of ``items`` given the float model's answer, and a 1 or 0 for each."""
+        same: list[float] = []
+        for batch in _in_batches(items, VALIDATION_BATCH):  # (one image a call was most of NNCF's time)
+            top1 = np.argmax(compiled(np.concatenate([image for image, _ in batch]))[0], axis=1)
+            same += [float(int(answer) == answers[index]) for answer, (_, index) in zip(top1, batch)]
+        return (sum(same) / len(same) if same else 1.0), same
 
-    held_out = nncf.Dataset(DecodedImages(ckpt, images.held_out, images.labels), lambda item: item[0])
-    return nncf.quantize_with_accuracy_control(model, dataset, held_out, top1, max_drop=max_drop / 100,
-                                               drop_type=nncf.DropType.ABSOLUTE, **common)
+    return nncf.quantize_with_accuracy_control(model, dataset, nncf.Dataset(held_out, lambda item: item[0]), agreement,
+                                               max_drop=1.0 - min_agreement, drop_type=nncf.DropType.ABSOLUTE, **common)
+
+
+def _in_batches(items: Any, size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def quantize_gated_openvino(cfg: ExportConfig, ckpt: Checkpoint, float_onnx: str, float_xml: str, int8_xml: str,
@@ -125,7 +159,7 @@ def quantize_gated_openvino(cfg: ExportConfig, ckpt: Checkpoint, float_onnx: str
                 "int8": OpenVinoBackend(int8_xml, "cpu").probabilities}
 
     quantization, report = quantize_and_gate(
-        cfg, ckpt, lambda images: quantize_ir(float_xml, int8_xml, ckpt, images, cfg.max_accuracy_drop), exports,
+        cfg, ckpt, lambda images: quantize_ir(float_xml, int8_xml, ckpt, images, cfg.agreement_target), exports,
         "openvino")
     core = ov.Core()
     core.set_property({"ENABLE_MMAP": False})  # the weights in memory, not mapped from the file rewritten here

@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -239,7 +240,7 @@ class GateReport:
                 f"{openvino} = {self.speedup:.2f}x" + ("" if self.passed else "; " + "; ".join(self.failures)))
 
 
-Runtime = Callable[[torch.Tensor], torch.Tensor]  # preprocessed batch -> probabilities
+Runtime = Callable[[torch.Tensor], np.ndarray]  # preprocessed batch -> probabilities
 
 
 def measure_gate(ckpt: Checkpoint, exports: Mapping[str, Runtime], images: GateImages, cfg: ExportConfig,
@@ -249,7 +250,7 @@ def measure_gate(ckpt: Checkpoint, exports: Mapping[str, Runtime], images: GateI
     by ``runtime``), batch by batch in turn; accuracy, agreement and each one's median per-batch rate."""
     torch_model = Predictor(ckpt, device="cpu", tta="none")  # (the gate compares one view with one view)
     runtimes = {"torch": torch_model.probabilities, **exports}
-    batch_size, _ = scoring_defaults(torch.device("cpu"), None, None)
+    batch_size, _ = scoring_defaults("cpu", None, None)
     rates: dict[str, list[float]] = {name: [] for name in runtimes}
     top1: dict[str, list[int]] = {"torch": [], "int8": []}
     scored: list[int] = []

@@ -1,24 +1,33 @@
 """Where code runs: the device, the cores it may use, worker counts and seeding; the --output
-folder of the commands that write one."""
+folder of the commands that write one.
+
+torch is imported where a function needs it, not here: scoring an exported model uses this module
+and never imports torch (its import is seconds of every short ``cnnkit predict``).
+"""
 
 from __future__ import annotations
 
 import os
 import queue
 import random
+import sys
 import threading
-from typing import Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
 import numpy as np
-import torch
 
 from .errors import ConfigError, OutputError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then Apple MPS, then the CPU; an unavailable device is a ConfigError."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -35,6 +44,13 @@ def resolve_device(name: str) -> torch.device:
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity, where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def compute_threads() -> int:
+    """The threads a runtime (torch, ONNX Runtime, OpenVINO) computes with: torch's setting where
+    torch is loaded (the server sizes it per worker), else one per available core."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else available_cores()
 
 
 def cpu_flags() -> frozenset[str]:
@@ -114,6 +130,8 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

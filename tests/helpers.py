@@ -129,6 +129,16 @@ def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None, time
     )
 
 
+def frameworks_imported_by(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run ``cnnkit ARGS`` as :func:`run_cli` does; also say which of torch and torchvision it imported."""
+    code = ("import atexit, json, runpy, sys; atexit.register(lambda: print('IMPORTED', json.dumps("
+            "[m for m in ('torch', 'torchvision') if m in sys.modules]), file=sys.stderr)); "
+            "sys.argv = ['cnnkit', *sys.argv[1:]]; runpy.run_module('cnnkit', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    line = next(line for line in result.stderr.splitlines() if line.startswith("IMPORTED "))
+    return result, json.loads(line.split(" ", 1)[1])
+
+
 # Flags of `cnnkit train` matching tiny_train_config (epochs and save dir are given per test).
 TINY_TRAIN_ARGS = [
     "--arch", "resnet18", "--weights", "none", "--hidden-units", "32", "--batch-size", "6",

@@ -24,7 +24,7 @@ from cnnkit.inference.predictor import Predictor  # noqa: E402
 from cnnkit.models.exported import read_metadata  # noqa: E402
 
 from deploy_helpers import CLASSES, NAMES, image_bytes, make_checkpoint, metric, metric_values, random_image  # noqa: E402
-from helpers import assert_one_line_error, run_cli  # noqa: E402
+from helpers import assert_one_line_error, frameworks_imported_by, run_cli  # noqa: E402
 
 TEMPERATURE = 1.7
 
@@ -140,6 +140,19 @@ def test_an_exports_batches_are_decoded_in_a_thread_beside_scoring_unless_worker
     assert overlapped == in_turn
 
 
+def test_cli_predict_of_an_export_never_imports_torch(onnx_export, tmp_path, cli_env):
+    """An export is decoded, scored and written without torch or torchvision (their imports are
+    seconds of every short predict), unless decoding workers (torch's DataLoader) are asked for."""
+    for seed in range(3):
+        (tmp_path / f"{seed}.png").write_bytes(image_bytes(seed))
+    result, imported = frameworks_imported_by(["predict", str(tmp_path), "-c", onnx_export.path, "-f", "csv"], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert imported == [] and len(result.stdout.splitlines()) == 4
+    result, imported = frameworks_imported_by(["predict", str(tmp_path), "-c", onnx_export.path, "--workers", "1",
+                                               "--batch-size", "1", "-f", "csv"], cli_env)
+    assert result.returncode == 0 and "torch" in imported and len(result.stdout.splitlines()) == 4
+
+
 def test_cli_predict_accepts_an_onnx_model(onnx_export, tmp_path, cli_env):
     image = tmp_path / "photo.png"
     image.write_bytes(image_bytes(seed=1))
@@ -245,8 +258,11 @@ def test_default_output_names():
     assert default_output("runs/best.pt", "openvino") == "runs/best.xml"  # and runs/best.bin beside it
 
 
-@pytest.mark.parametrize("values, flag", [({"format": "tflite"}, "--format"), ({"opset": 5}, "--opset"),
-                                          ({"format": "openvino", "output": "m.onnx"}, "--output")])
+@pytest.mark.parametrize("values, flag", [
+    ({"format": "tflite"}, "--format"), ({"opset": 5}, "--opset"), ({"format": "openvino", "output": "m.onnx"}, "--output"),
+    ({"int8": True, "calibration_data": "d", "min_agreement": 99.0}, "--min-agreement"),  # ONNX Runtime has no such control
+    ({"format": "openvino", "int8": True, "calibration_data": "d", "min_agreement": 101}, "--min-agreement"),
+])
 def test_export_config_names_the_flag_to_fix(values, flag):
     with pytest.raises(ConfigError, match=flag):
         ExportConfig("m.pt", **values)

@@ -1,4 +1,8 @@
-"""Datasets: labelled ImageFolder trees for training, plain path lists for inference."""
+"""Datasets: labelled ImageFolder trees for training, plain path lists for inference.
+
+Free of torch at import (scoring an export never loads it): :class:`ImageDataset` is a map-style
+dataset by duck typing, and :func:`collate` imports torch when it makes tensors.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,9 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from ..errors import DataError, ImageError
 from .transforms import is_image_file, load_image
@@ -122,8 +124,9 @@ def stratified_split(samples: Sequence[Sample], val_split: float, seed: int) -> 
     return sorted(train), sorted(valid)
 
 
-class ImageDataset(Dataset):
+class ImageDataset:
     """Yields ``(tensor or None, target, (path, reason) or None)``; targets default to indices.
+    (What ``transform`` gives: a tensor, or an array from an eval pipeline built with ``arrays=True``.)
 
     A bad file never raises inside a DataLoader worker (where the reason would be buried in a
     re-raised traceback): its item carries the reason, and the caller decides what it means,
@@ -149,7 +152,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, tuple[str, str] | None]:
+    def __getitem__(self, index: int) -> tuple[Any, int, tuple[str, str] | None]:
         target = index if self.targets is None else self.targets[index]
         path = self.paths[index]
         try:
@@ -158,13 +161,26 @@ class ImageDataset(Dataset):
             return None, target, (path, str(exc))
 
 
-def collate(batch: list[tuple[torch.Tensor | None, int, tuple[str, str] | None]]):
-    """``(stacked good images or None, targets of all items, errors of all items)``, in order."""
-    tensors = [t for t, _, _ in batch if t is not None]
-    # Stacked by numpy, single-threaded: torch.stack of a batch this size would start an OpenMP
-    # team of its own in the thread that decodes beside an export's runtime (runtime.prefetch).
-    stacked = torch.from_numpy(np.stack([t.numpy() for t in tensors])) if tensors else None
-    return stacked, torch.tensor([t for _, t, _ in batch]), [e for _, _, e in batch]
+def collate_arrays(batch: list[tuple[Any, int, tuple[str, str] | None]]):
+    """``(good images stacked in one numpy array or None, targets of all items, errors of all
+    items)``, in order. Stacked by numpy, single-threaded: torch.stack of a batch this size would
+    start an OpenMP team of its own in the thread that decodes beside a model (runtime.prefetch)."""
+    arrays = [np.asarray(t) for t, _, _ in batch if t is not None]
+    return (np.stack(arrays) if arrays else None), np.array([t for _, t, _ in batch]), [e for _, _, e in batch]
+
+
+def collate(batch: list[tuple[Any, int, tuple[str, str] | None]]):
+    """:func:`collate_arrays` as torch tensors (sharing the arrays' memory): a DataLoader's batches."""
+    import torch
+
+    images, targets, errors = collate_arrays(batch)
+    return (torch.from_numpy(images) if images is not None else None), torch.from_numpy(targets), errors
+
+
+def batched(dataset: Any, batch_size: int, collate_fn: Callable = collate_arrays) -> Iterator[Any]:
+    """``dataset``'s items in batches, in order, decoded in this thread (a DataLoader without workers)."""
+    for start in range(0, len(dataset), batch_size):
+        yield collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
 def expand_inputs(inputs: Iterable[str], stdin: Iterable[str] | None = None) -> Iterator[str]:

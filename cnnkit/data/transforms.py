@@ -5,8 +5,9 @@ limit); ``build_transforms`` builds the train (augmenting) or eval (deterministi
 :class:`~cnnkit.config.PreprocessConfig`. The config is stored in every checkpoint, and inference
 rebuilds its pipeline from it, so the two can never diverge. The eval pipeline is torchvision's
 Resize, CenterCrop, ToTensor and Normalize on PIL images, value for value (tests compare them),
-done with PIL and numpy so that scoring an exported model never imports torchvision, whose import
-pulls in torch._dynamo: seconds of every ``cnnkit predict`` (benchmarks/RESULTS.md, Quantization).
+done with PIL and numpy so that scoring an exported model never imports torchvision or torch
+(``arrays=True``: numpy out), whose imports are seconds of every short ``cnnkit predict``
+(benchmarks/RESULTS.md, Quantization); torch is imported by the functions that need it.
 ``build_batch_mix`` is the training batches' augmentation (MixUp, CutMix): torchvision.transforms.v2's.
 """
 
@@ -15,14 +16,16 @@ from __future__ import annotations
 import os
 import stat
 import warnings
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from ..config import PreprocessConfig
 from ..errors import ImageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
@@ -63,15 +66,18 @@ def resolve_preprocess(
     return PreprocessConfig(image_size=crop, resize_size=resize_size, interpolation=interpolation)
 
 
-def build_transforms(cfg: PreprocessConfig, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """The train (``cfg.policy``: random crop, flips, ...) or eval (resize + centre crop) pipeline."""
+def build_transforms(cfg: PreprocessConfig, train: bool, arrays: bool = False) -> Callable[[Image.Image], Any]:
+    """The train (``cfg.policy``: random crop, flips, ...) or eval (resize + centre crop) pipeline,
+    giving a float32 (C, H, W) tensor, or with ``arrays`` (eval only) the same values as a numpy array."""
     if not train or cfg.policy == "none":
         return Pipeline([
             _RefuseElongated(cfg.resize_size, cfg.max_pixels),
             ResizeShortSide(cfg.resize_size, cfg.interpolation),
             CenterCrop(cfg.image_size),
-            NormalizedTensor(cfg.mean, cfg.std),
+            NormalizedTensor(cfg.mean, cfg.std, as_array=arrays),
         ])
+    if arrays:
+        raise ValueError("the train pipeline gives tensors only")
     from torchvision import transforms as T
 
     interpolation = T.InterpolationMode(cfg.interpolation)
@@ -155,22 +161,28 @@ class NormalizedTensor:
 
     Faster than the two torchvision steps, and numpy is single-threaded: it runs beside the model
     (in the decoding thread of ``inference.predictor``) without waking torch's thread pool.
+    ``as_array``: the numpy array itself, not a tensor sharing its memory.
     """
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        self.mean, self.std = tuple(mean), tuple(std)
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], as_array: bool = False):
+        self.mean, self.std, self.as_array = tuple(mean), tuple(std), as_array
         levels = np.arange(256, dtype=np.float32).reshape(1, 256) / np.float32(255)
         self._table = (levels - np.asarray(mean, np.float32).reshape(-1, 1)) / np.asarray(std, np.float32).reshape(-1, 1)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image) -> Any:
         if image.mode != "RGB" or len(self.mean) != 3:  # (load_image gives RGB; the rest goes the general way)
             from torchvision.transforms import functional as F
 
-            return F.normalize(F.to_tensor(image), list(self.mean), list(self.std))
+            tensor = F.normalize(F.to_tensor(image), list(self.mean), list(self.std))
+            return tensor.numpy() if self.as_array else tensor
         pixels = np.asarray(image)
         out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
         for channel in range(3):
             np.take(self._table[channel], pixels[..., channel], out=out[channel])
+        if self.as_array:
+            return out
+        import torch
+
         return torch.from_numpy(out)
 
     def __repr__(self) -> str:
@@ -183,6 +195,8 @@ class RandomRot90:
     _TURNS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
 
     def __call__(self, image: Image.Image) -> Image.Image:
+        import torch  # (its generator: seeded with the rest of training's randomness)
+
         turn = self._TURNS[int(torch.randint(4, ()))]
         return image if turn is None else image.transpose(turn)
 
@@ -199,20 +213,22 @@ def build_batch_mix(num_classes: int, mixup: float, cutmix: float) -> Callable[.
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
-def tta_views(batch: torch.Tensor, mode: str) -> list[torch.Tensor]:
+def tta_views(batch: np.ndarray, mode: str) -> list[np.ndarray]:
     """The views of a preprocessed batch (N, C, H, W) that test-time augmentation scores: the
     batch itself; with ``flip`` its mirror image too; with ``flip+rot90`` each of the 8 flips and
-    quarter turns (square crops keep their shape)."""
+    quarter turns (square crops keep their shape). Views are numpy views, not copies."""
     if mode == "none":
         return [batch]
-    mirrored = batch.flip(3)
+    mirrored = np.flip(batch, 3)
     if mode == "flip":
         return [batch, mirrored]
-    return [view.rot90(k, dims=(2, 3)) for view in (batch, mirrored) for k in range(4)]
+    return [np.rot90(view, k, axes=(2, 3)) for view in (batch, mirrored) for k in range(4)]
 
 
 def model_view(tensor: torch.Tensor, cfg: PreprocessConfig) -> Image.Image:
     """The image as the model saw it: an eval pipeline's output (C, H, W), un-normalised."""
+    import torch
+
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
     pixels = (tensor.detach().float().cpu() * std + mean).clamp(0, 1)

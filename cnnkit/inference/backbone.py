@@ -36,7 +36,7 @@ class Backbone:
         """(N, D) float32: each image's features, eval preprocessing; from ``cfg.cache_dir``
         when they were computed there before for the same files and weights."""
         device = next(self.model.parameters()).device
-        batch_size, workers = scoring_defaults(device, cfg.batch_size, cfg.workers)
+        batch_size, workers = scoring_defaults(device.type, cfg.batch_size, cfg.workers)
         found = load_or_build("inspect", self.model, self.arch, [(p, 0) for p in paths], self.preprocess,
                               self.in_features, cfg.cache_dir, device=device, batch_size=batch_size,
                               workers=workers, ctx=DistContext(device=device), progress=cfg.progress)

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ..errors import CheckpointError, ConfigError, first_line, require_extra
-from ..models.exported import checkpoint_from_metadata, parse_onnx_props
+from ..models.exported import checkpoint_from_metadata, export_info, parse_onnx_props
+from ..runtime import compute_threads
+
+if TYPE_CHECKING:
+    from ..models.checkpoint import Checkpoint
 
 
 class OnnxBackend:
     """An exported ONNX model run by ONNX Runtime, scoring preprocessed batches.
 
-    ``checkpoint`` describes it (classes, names, preprocessing...) like a checkpoint without
-    weights. ``threads`` sizes ONNX Runtime's intra-op pool; by default it is torch's, so the
-    server's per-worker sizing applies to both runtimes.
+    ``info`` describes it (classes, names, preprocessing, calibration), and ``checkpoint`` all of
+    its metadata, like a checkpoint without weights. ``threads`` sizes ONNX Runtime's intra-op
+    pool; by default :func:`~cnnkit.runtime.compute_threads`, so the server's per-worker sizing
+    applies to every runtime.
     """
 
     format = "onnx"
@@ -28,7 +35,7 @@ class OnnxBackend:
         if not os.path.isfile(path):
             raise CheckpointError(f"exported model not found: {path}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = threads or compute_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only
         try:
@@ -37,15 +44,20 @@ class OnnxBackend:
             raise CheckpointError(f"{path} is not a loadable ONNX model ({first_line(exc)})") from None
         self.path = path
         self.metadata = parse_onnx_props(self.session.get_modelmeta().custom_metadata_map)
-        self.checkpoint = checkpoint_from_metadata(self.metadata, path)
+        self.info = export_info(self.metadata, path)
+        self.device_type = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.quantization = self.metadata.get("quantization")  # settings and gate of an int8 export
         self.name = "onnxruntime-int8" if self.quantization else "onnxruntime"
 
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities for a batch of preprocessed images (a CPU float32 tensor)."""
-        array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+    @functools.cached_property
+    def checkpoint(self) -> Checkpoint:
+        """A weightless checkpoint describing the model (imports torch)."""
+        return checkpoint_from_metadata(self.metadata, self.path)
+
+    def probabilities(self, batch: Any) -> np.ndarray:
+        """Class probabilities for a batch of preprocessed images (an array, or a CPU tensor)."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
 def _providers(device: str, available: list[str]) -> list[str]:

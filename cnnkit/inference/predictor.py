@@ -1,5 +1,11 @@
 """The model side of inference: a trained model with its own preprocessing and class names,
-scoring decoded images, preprocessed batches or image files (decoded in DataLoader workers)."""
+scoring decoded images, preprocessed batches or image files.
+
+Probabilities come out as numpy arrays, whatever runs the model. A checkpoint's model runs in
+torch; an export (ONNX, OpenVINO) on its own runtime, and then nothing here imports torch unless
+decoding workers are asked for: its import is seconds of every short ``cnnkit predict``
+(benchmarks/RESULTS.md, Quantization).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,20 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import torch
+import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.folders import ImageDataset, collate, load_category_names
+from ..data.folders import ImageDataset, batched, collate_arrays, load_category_names
 from ..data.transforms import build_transforms, tta_views
 from ..errors import ConfigError
-from ..models.checkpoint import Checkpoint, load_checkpoint
 from ..models.exported import is_exported_model, is_openvino_file
-from ..models.openset import OpenSetScorer, capture_features, check_open_set
 from ..runtime import available_cores, prefetch, resolve_device
+
+if TYPE_CHECKING:
+    from ..models.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +70,9 @@ def _nothing() -> Iterator[list]:
     yield []
 
 
-def scoring_defaults(device: torch.device, batch_size: int | None, workers: int | None) -> tuple[int, int]:
-    """Batch size and decoding workers for scoring on ``device``, where not given.
+def scoring_defaults(device_type: str, batch_size: int | None, workers: int | None) -> tuple[int, int]:
+    """Batch size and decoding workers for scoring on a device of ``device_type`` (``cpu``,
+    ``cuda``...), where not given.
 
     Measured on a 2-core CPU (benchmarks/RESULTS.md): CPU inference is cache-bound, so batches
     of 4-8 ran 1.3-2x faster than 32; and decoding workers there only take cores from torch's
@@ -75,10 +82,10 @@ def scoring_defaults(device: torch.device, batch_size: int | None, workers: int 
     :meth:`Predictor.score_paths_with_distance`.)
     """
     if batch_size is None:
-        batch_size = CPU_BATCH_SIZE if device.type == "cpu" else GPU_BATCH_SIZE
+        batch_size = CPU_BATCH_SIZE if device_type == "cpu" else GPU_BATCH_SIZE
     if workers is None:
         cores = min(4, available_cores())
-        workers = 0 if device.type == "cpu" and cores <= 2 else cores
+        workers = 0 if device_type == "cpu" and cores <= 2 else cores
     return batch_size, workers
 
 
@@ -94,7 +101,13 @@ def export_backend(path: str, device: str = "auto", threads: int | None = None) 
 
 
 class Predictor:
-    """A trained model with its own preprocessing and class names, ready to score images."""
+    """A trained model with its own preprocessing and class names, ready to score images.
+
+    A checkpoint (a path or a :class:`Checkpoint`) runs in torch: ``model``, ``device``,
+    ``memory_format`` and ``open_set`` are set. An export's path runs on ``backend``
+    (:func:`export_backend`), ``model`` is None, and its ``checkpoint`` is built (importing torch)
+    only when asked for.
+    """
 
     def __init__(
         self,
@@ -103,31 +116,57 @@ class Predictor:
         category_names: str | None = None,
         tta: str | None = None,
     ):
-        self.backend = None  # an exported model (export_backend) scoring instead of self.model
+        self.backend: Any = None  # an exported model (export_backend) scoring instead of self.model
+        self.model: Any = None
+        self.open_set: Any = None  # OpenSetScorer: the feature distance needs a checkpoint's backbone
+        self._checkpoint = None
         if isinstance(checkpoint, str) and is_exported_model(checkpoint):
             self.backend = export_backend(checkpoint, device)
-            checkpoint = self.backend.checkpoint  # weightless: classes, names, preprocessing
-        self.checkpoint = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
-        self.classes = self.checkpoint.classes
-        self.names = dict(self.checkpoint.class_names)
+            described: Any = self.backend.info  # classes, names, preprocessing, calibration
+            self.device_type = self.backend.device_type
+        else:
+            from ..models.checkpoint import load_checkpoint
+
+            described = self._checkpoint = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+            self._load_model(device)
+        self.classes = described.classes
+        self.names = dict(described.class_names)
         if category_names:
             self.names = load_category_names(category_names, self.classes)
+        self.preprocess = described.preprocess
+        self._described = described
+        # An export's batches are numpy arrays from decoding to scoring; torch's, tensors sharing their memory.
+        self.transform = build_transforms(self.preprocess, train=False, arrays=self.backend is not None)
+        # The TTA asked for, else the one the checkpoint was calibrated with (cnnkit evaluate --tta).
+        self.tta = tta or str(self.calibration.get("tta", "none"))
+
+    def _load_model(self, device: str) -> None:
+        import torch
+
+        from ..models.openset import OpenSetScorer, check_open_set
+
+        ckpt = self._checkpoint
         self.device = resolve_device(device)
-        self.model = self.checkpoint.build_model(self.device) if self.backend is None else None
+        self.device_type = self.device.type
         # NHWC is 1.3-1.4x faster for these CNNs on CPU (benchmarks/RESULTS.md); MPS lacks kernels.
         self.memory_format = torch.channels_last if self.device.type != "mps" else torch.contiguous_format
-        if self.model is not None:
-            self.model = self.model.to(memory_format=self.memory_format)
-        self.transform = build_transforms(self.checkpoint.preprocess, train=False)
-        # The TTA asked for, else the one the checkpoint was calibrated with (cnnkit evaluate --tta).
-        self.tta = tta or str(self.checkpoint.calibration.get("tta", "none"))
-        # The feature distance needs the backbone's output: a checkpoint's model, not an export's.
-        stats = check_open_set(self.checkpoint.open_set, len(self.classes)) if self.model is not None else None
+        self.model = ckpt.build_model(self.device).to(memory_format=self.memory_format)
+        stats = check_open_set(ckpt.open_set, len(ckpt.classes))
         self.open_set = OpenSetScorer(stats) if stats is not None else None
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """The fitted calibration: temperature (a checkpoint's; an export has it in its graph), thresholds, TTA."""
+        return self._described.calibration
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The checkpoint, or of an export a weightless one describing it (built on first use: it imports torch)."""
+        return self._checkpoint if self._checkpoint is not None else self.backend.checkpoint
 
     def abstain_threshold(self) -> float:
         """The confidence below which ``--abstain`` answers unknown (set by ``cnnkit evaluate``)."""
-        threshold = self.checkpoint.calibration.get("abstain_threshold")
+        threshold = self.calibration.get("abstain_threshold")
         if threshold is None:
             raise ConfigError(
                 "--abstain: this checkpoint has no abstain threshold; set one with "
@@ -139,7 +178,7 @@ class Predictor:
         """``(threshold, combined)``: ``--abstain`` answers unknown below ``threshold`` of the
         combined open-set score when ``combined``, else of the top-1 confidence (a checkpoint
         without open-set statistics, or an export, which has no features to measure)."""
-        combined = self.checkpoint.calibration.get("unknown_threshold")
+        combined = self.calibration.get("unknown_threshold")
         if combined is not None and self.open_set is not None:
             return float(combined), True
         if combined is not None:
@@ -164,53 +203,64 @@ class Predictor:
             log.warning("--top-k %d is more than the %d classes; showing %d", top_k, len(self.classes), len(self.classes))
         return min(top_k, len(self.classes))
 
-    def probabilities(self, batch: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
-        """Class probabilities (rows sum to 1) for a batch of preprocessed images, with the
-        checkpoint's fitted temperature applied unless ``calibrated`` is False.
+    def probabilities(self, batch: Any, calibrated: bool = True) -> np.ndarray:
+        """Class probabilities (rows sum to 1) for a batch of preprocessed images (an array, or a
+        CPU tensor), with the checkpoint's fitted temperature applied unless ``calibrated`` is False.
 
         With test-time augmentation (:attr:`tta`) the views are averaged in log space (their
         logits, renormalised: a geometric mean of their probabilities), so that a temperature
         fitted on averaged views applies unchanged, whether or not it is applied before."""
         return self.scores(batch, calibrated)[0]
 
-    @torch.inference_mode()
-    def scores(self, batch: torch.Tensor, calibrated: bool = True,
-               distances: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scores(self, batch: Any, calibrated: bool = True, distances: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`probabilities`, and with ``distances`` (and open-set statistics) each image's
         feature distance to the nearest training class (:class:`OpenSetScorer`; of the image as
         it is, not of its TTA views), else None."""
-        views = tta_views(batch, self.tta)
-        if self.backend is not None:  # the export's output is already (calibrated) probabilities
-            if len(views) == 1:
-                return self.backend.probabilities(batch), None
-            log_probs = self.backend.probabilities(torch.cat(views)).clamp_min(1e-30).log()
-            return _view_average(log_probs, len(views)), None
-        inputs = torch.cat(views) if len(views) > 1 else batch
-        with capture_features(self.model, self.checkpoint.arch) if distances and self.open_set else _nothing() as seen:
+        views = tta_views(np.asarray(batch), self.tta)
+        if self.backend is None:
+            return self._model_scores(views, calibrated, distances)
+        # The export's output is already (calibrated) probabilities.
+        if len(views) == 1:
+            return self.backend.probabilities(views[0]), None
+        probs = self.backend.probabilities(np.concatenate(views))
+        return _view_average(np.log(np.maximum(probs, 1e-30)), len(views)), None
+
+    def _model_scores(self, views: list[np.ndarray], calibrated: bool,
+                      distances: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        from ..models.openset import capture_features
+
+        inputs = torch.from_numpy(np.concatenate(views) if len(views) > 1 else np.ascontiguousarray(views[0]))
+        features = capture_features(self.model, self.checkpoint.arch) if distances and self.open_set else _nothing()
+        with torch.inference_mode(), features as seen:
             log_probs = self.model(inputs.to(self.device, memory_format=self.memory_format)).float()
-        if calibrated and self.checkpoint.temperature != 1.0:
-            log_probs = torch.log_softmax(log_probs / self.checkpoint.temperature, dim=1)
-        distance = self.open_set.distances(seen[0][:len(batch)]).float() if seen else None  # (the first view: as is)
-        probs = log_probs.exp().cpu() if len(views) == 1 else _view_average(log_probs.cpu(), len(views))
-        return probs, distance
+            if calibrated and self.checkpoint.temperature != 1.0:
+                log_probs = torch.log_softmax(log_probs / self.checkpoint.temperature, dim=1)
+            rows = len(views[0])
+            distance = self.open_set.distances(seen[0][:rows]).float().cpu().numpy() if seen else None  # (the first view)
+            if len(views) == 1:
+                return log_probs.exp().cpu().numpy(), distance
+        return _view_average(log_probs.cpu().numpy(), len(views)), distance
 
-    def known_scores(self, probs: torch.Tensor, distance: torch.Tensor) -> list[float]:
+    def known_scores(self, probs: np.ndarray, distance: np.ndarray) -> list[float]:
         """The combined open-set score of each image (higher: more like the training classes)."""
-        return self.open_set.known_scores(probs.max(dim=1).values.double().numpy(), distance.double().numpy()).tolist()
+        probs = np.asarray(probs)
+        return self.open_set.known_scores(probs.max(axis=1).astype(np.float64),
+                                          np.asarray(distance, dtype=np.float64)).tolist()
 
-    def _guesses(self, probs: torch.Tensor, k: int) -> list[list[Guess]]:
-        values, indices = probs.topk(k, dim=1)
+    def _guesses(self, probs: np.ndarray, k: int) -> list[list[Guess]]:
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (ties: the lower class index first)
         return [
-            [Guess(self.classes[i], self.names.get(self.classes[i], self.classes[i]), float(p))
-             for p, i in zip(row_p.tolist(), row_i.tolist())]
-            for row_p, row_i in zip(values, indices)
+            [Guess(self.classes[i], self.names.get(self.classes[i], self.classes[i]), float(row[i])) for i in indices]
+            for row, indices in zip(probs, top.tolist())
         ]
 
     def predict_images(self, images: Sequence[Image.Image], top_k: int = 1) -> list[list[Guess]]:
         """Top-K guesses for decoded RGB images, in one forward pass."""
         if not images:
             return []
-        batch = torch.stack([self.transform(image) for image in images])
+        batch = np.stack([np.asarray(self.transform(image)) for image in images])
         return self._guesses(self.probabilities(batch), self.cap_top_k(top_k))
 
     def score_paths(
@@ -220,7 +270,7 @@ class Predictor:
         workers: int | None = None,
         progress: bool = False,
         calibrated: bool = True,
-    ) -> Iterator[tuple[str, torch.Tensor | None, str | None]]:
+    ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
         """``(path, class probabilities or None, error or None)`` for each path, in order, as
         batches are scored; images are decoded in DataLoader workers (see :func:`scoring_defaults`)."""
         for path, probs, _, error in self.score_paths_with_distance(paths, batch_size, workers, progress, calibrated,
@@ -230,23 +280,24 @@ class Predictor:
     def score_paths_with_distance(
         self, paths: Sequence[str], batch_size: int | None = None, workers: int | None = None, progress: bool = False,
         calibrated: bool = True, distances: bool = True,
-    ) -> Iterator[tuple[str, torch.Tensor | None, float | None, str | None]]:
+    ) -> Iterator[tuple[str, np.ndarray | None, float | None, str | None]]:
         """:meth:`score_paths`' rows, each with the image's open-set feature distance (None
         without open-set statistics, or when ``distances`` is False) before the error."""
         overlap = workers is None  # --workers 0, asked for: decoding in the main thread, in turn with scoring
-        batch_size, workers = scoring_defaults(self.device, batch_size, workers)
+        batch_size, workers = scoring_defaults(self.device_type, batch_size, workers)
         n_batches = math.ceil(len(paths) / batch_size)
         workers = min(workers, n_batches if n_batches > 1 else 0)
-        loader = DataLoader(
-            ImageDataset(paths, self.transform, max_pixels=self.checkpoint.preprocess.max_pixels),
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=collate,
-        )
-        # An export's runtime scores in its own threads with the GIL released: decoding the next
-        # batch in a thread meanwhile is faster end to end than in turn (benchmarks/RESULTS.md,
-        # Quantization); torch's forward pass gained nothing from it.
-        batches = prefetch(loader) if overlap and not workers and self.backend is not None else loader
+        dataset = ImageDataset(paths, self.transform, max_pixels=self.preprocess.max_pixels)
+        if workers:
+            from torch.utils.data import DataLoader
+
+            batches: Any = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_arrays)
+        else:
+            batches = batched(dataset, batch_size)
+            # An export's runtime scores in its own threads with the GIL released: decoding the next
+            # batch in a thread meanwhile is faster end to end than in turn (benchmarks/RESULTS.md,
+            # Quantization); torch's forward pass gained nothing from it.
+            batches = prefetch(batches) if overlap and self.backend is not None else batches
         with tqdm(total=len(paths), unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
             for images, indices, errors in batches:
                 probs, distance = self.scores(images, calibrated, distances) if images is not None else (None, None)
@@ -277,10 +328,12 @@ class Predictor:
             if error is not None:
                 yield Prediction(path, error=error)
             else:
-                score = self.known_scores(probs[None], torch.tensor([distance]))[0] if distance is not None else None
+                score = self.known_scores(probs[None], np.array([distance]))[0] if distance is not None else None
                 yield Prediction(path, self._guesses(probs[None], k)[0], known_score=score)
 
 
-def _view_average(log_probs: torch.Tensor, views: int) -> torch.Tensor:
+def _view_average(log_probs: np.ndarray, views: int) -> np.ndarray:
     """The TTA views' log-probabilities (views x N rows, view-major) averaged and renormalised."""
-    return torch.softmax(log_probs.view(views, -1, log_probs.shape[1]).mean(dim=0), dim=1)
+    mean = log_probs.reshape(views, -1, log_probs.shape[1]).mean(axis=0)
+    exp = np.exp(mean - mean.max(axis=1, keepdims=True))
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -6,6 +6,9 @@ and names, preprocessing, arch, training summary, calibration, drift reference a
 JSON values under ``cnnkit.*`` keys of the ONNX ``metadata_props``, under ``<rt_info><cnnkit>`` of
 an OpenVINO IR's ``.xml`` (one element per key, the JSON in its ``value``), or in the TorchScript
 extra file ``cnnkit.json``. :mod:`cnnkit.export` writes them; inference and serving read them.
+
+Reading an ONNX or OpenVINO export's metadata (:func:`export_info`) never imports torch: scoring an
+export runs on its own runtime, and torch's import is seconds of every short ``cnnkit predict``.
 """
 
 from __future__ import annotations
@@ -15,15 +18,16 @@ import json
 import os
 import warnings
 import xml.etree.ElementTree as ElementTree
-from typing import Any, Mapping
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..config import PreprocessConfig
 from ..errors import CheckpointError, first_line, require_extra
-from .build import HeadSpec
-from .checkpoint import Checkpoint
-from .openset import open_set_from_json, open_set_to_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from .checkpoint import Checkpoint
 
 EXPORT_FORMAT = "cnnkit-export"
 EXPORT_FORMAT_VERSION = 1
@@ -84,6 +88,8 @@ def model_version(path: str | os.PathLike[str]) -> str:
 
 def export_metadata(ckpt: Checkpoint, source_version: str | None = None) -> dict[str, Any]:
     """Everything but the weights that a runtime needs to use the exported model."""
+    from .openset import open_set_to_json
+
     pre = ckpt.preprocess
     return {
         "format": EXPORT_FORMAT,
@@ -108,30 +114,54 @@ def export_metadata(ckpt: Checkpoint, source_version: str | None = None) -> dict
     }
 
 
-def checkpoint_from_metadata(meta: Mapping[str, Any], source: str) -> Checkpoint:
-    """A weightless :class:`Checkpoint` describing an exported model (for Predictor and the server).
+@dataclass(frozen=True)
+class ExportInfo:
+    """What scoring needs of an export's metadata, read without torch: named as a checkpoint's fields."""
 
-    The temperature is already in the exported graph, so it is left out of ``calibration``.
-    """
+    classes: list[str]
+    class_names: dict[str, str]
+    preprocess: PreprocessConfig
+    calibration: dict[str, Any]  # without the temperature, which is in the exported graph
+
+
+def export_info(meta: Mapping[str, Any], source: str) -> ExportInfo:
+    """The checked :class:`ExportInfo` of an export's metadata; CheckpointError for a file cnnkit
+    did not export, a newer format, or incomplete metadata."""
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{source} is not a model exported by cnnkit export (no cnnkit metadata)")
     if not isinstance(meta.get("format_version"), int) or meta["format_version"] > EXPORT_FORMAT_VERSION:
         raise CheckpointError(f"{source} was exported by a newer cnnkit (format {meta.get('format_version')}); upgrade cnnkit")
     try:
+        return ExportInfo(list(meta["classes"]), dict(meta.get("class_names") or {}),
+                          PreprocessConfig.from_dict(meta["preprocess"]),
+                          {k: v for k, v in (meta.get("calibration") or {}).items() if k != "temperature"})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{source} has incomplete cnnkit metadata ({exc})") from None
+
+
+def checkpoint_from_metadata(meta: Mapping[str, Any], source: str) -> Checkpoint:
+    """A weightless :class:`Checkpoint` describing an exported model (for the server, ``cnnkit
+    info``, evaluation), as :func:`export_info` plus arch, head, summary, drift and open-set statistics."""
+    from .build import HeadSpec
+    from .checkpoint import Checkpoint
+    from .openset import open_set_from_json
+
+    info = export_info(meta, source)
+    try:
         ckpt = Checkpoint(
             arch=meta["arch"],
             head=HeadSpec.from_dict(meta["head"]),
             state_dict={},
-            classes=list(meta["classes"]),
-            preprocess=PreprocessConfig.from_dict(meta["preprocess"]),
-            class_names=dict(meta.get("class_names") or {}),
+            classes=info.classes,
+            preprocess=info.preprocess,
+            class_names=info.class_names,
             summary=dict(meta.get("summary") or {}),
             versions=dict(meta.get("versions") or {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{source} has incomplete cnnkit metadata ({exc})") from None
     if hasattr(ckpt, "calibration"):
-        ckpt.calibration = {k: v for k, v in (meta.get("calibration") or {}).items() if k != "temperature"}
+        ckpt.calibration = dict(info.calibration)
     ckpt.reference_stats = meta.get("reference_stats")
     ckpt.open_set = open_set_from_json(meta.get("open_set"))
     return ckpt
@@ -229,6 +259,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_torchscript(path: str, extra_files: dict[str, Any] | None = None) -> torch.jit.ScriptModule:
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         module = torch.jit.load(path, map_location="cpu", _extra_files=extra_files or {})

@@ -16,6 +16,7 @@ import io
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..data.transforms import model_view
@@ -76,7 +77,7 @@ class Explainer:
         except ConfigError as exc:
             raise HttpError(400, f"class {exc}") from None
         probs = predictor.probabilities(image[None])[0]
-        order = probs.argsort(descending=True).tolist()
+        order = np.argsort(-probs, kind="stable").tolist()
         chosen = order[0] if index is None else index
         if not self.turn.acquire(timeout=max(timeout, 0.0)):
             raise HttpError(503, "busy: this worker is explaining another image; retry after the Retry-After seconds",

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..config import ServeConfig
@@ -50,10 +51,10 @@ class ServedModel:
         """Class probabilities; with ``with_known`` and a combined :attr:`unknown_rule`, each row
         ends with the open-set known score (one tensor, so the batcher slices both together)."""
         if not (with_known and self.unknown_rule is not None and self.unknown_rule[1]):
-            return self.predictor.probabilities(batch)
+            return torch.from_numpy(self.predictor.probabilities(batch))
         probs, distance = self.predictor.scores(batch, distances=True)
-        known = torch.tensor(self.predictor.known_scores(probs, distance), dtype=probs.dtype)
-        return torch.cat([probs, known[:, None]], dim=1)
+        known = np.asarray(self.predictor.known_scores(probs, distance), dtype=probs.dtype)
+        return torch.from_numpy(np.concatenate([probs, known[:, None]], axis=1))
 
     def unknown_flags(self, scored: torch.Tensor) -> tuple[torch.Tensor, list[bool] | None]:
         """``(probabilities, per-image unknown flags or None)`` of a ``score(with_known=True)`` result."""
