@@ -23,9 +23,9 @@ score, ``--ignore-gate``: the gate's own speed figures are reported beside), eac
 the limit; the int8 IR also with ``--workers 0`` (decoding in turn with scoring instead of in a
 thread beside it). ``--accuracy-archs`` with no names runs the speed part alone. The weights are
 the accuracy part's trained ones where this run has them, with the architecture's 224-px
-preprocessing: an int8 IR's layers reverted to float (``--min-agreement``) depend on them, so
-random weights would time another model; elsewhere random and seeded (the float runtimes'
-throughput does not depend on the weights' values).
+preprocessing: the layers an int8 IR reverts to float (``--gate-flags='--min-agreement 99.5'``)
+depend on them, so random weights would time another model; elsewhere random and seeded (the
+float runtimes' throughput does not depend on the weights' values).
 
 **The best kept backend** of an architecture is its fastest artefact in the speed part among those
 kept: the float ones always, an int8 one when its gate passed: the accuracy part's gate (the

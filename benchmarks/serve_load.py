@@ -143,9 +143,7 @@ def export_model(checkpoint: Path, backend: str | None, env: dict[str, str]) -> 
     """The model file a cnnkit server kind serves (:data:`BACKENDS`): the checkpoint, its ONNX
     export or OpenVINO IR, or their int8 versions (calibrated on 128 photos of flowers-20 that the
     load does not send; the weights are random, so the accuracy half of the gate means nothing
-    here and --ignore-gate keeps the model whatever it says: this benchmark measures serving speed;
-    for the same reason an int8 IR is quantized with --min-agreement 0, every layer int8: which
-    layers the agreement control reverts depends on the weights, and these mean nothing)."""
+    here and --ignore-gate keeps the model whatever it says: this benchmark measures serving speed)."""
     from cnnkit.export import default_output
 
     if backend is None:
@@ -161,7 +159,6 @@ def export_model(checkpoint: Path, backend: str | None, env: dict[str, str]) -> 
         for src in real_images()[-128:]:  # valid/'s last; the payloads are test/'s first
             shutil.copyfile(src, calibration / f"{src.parent.name}_{src.name}")
         flags += ["--int8", "--calibration-data", str(calibration), "--ignore-gate"]
-        flags += ["--min-agreement", "0"] if fmt == "openvino" else []
     subprocess.run([sys.executable, "-m", "cnnkit", "-q", "export", str(checkpoint), "-o", str(model), *flags],
                    check=True, stdout=subprocess.DEVNULL, env=env)
     return model

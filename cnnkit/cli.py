@@ -551,7 +551,7 @@ def serve(**options: Any) -> None:
 @click.option("--calibration-method", type=click.Choice(CALIBRATION_METHODS), default="minmax", show_default=True, help="How activation ranges are set from the calibration images.")
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True, help="Percentage points of top-1 accuracy the int8 model may lose (unlabelled images: of agreement with the float model).")
 @click.option("--min-speedup", type=float, default=1.2, show_default=True, help="The int8 model must be this many times as fast as the faster float runtime, measured here.")
-@click.option("--min-agreement", type=float, default=None, help="With --format openvino --int8: NNCF reverts the layers that change the most answers to float until this percentage of the held-out images keep the float model's top-1; 0: no reverting.  [default: 99.5]")
+@click.option("--min-agreement", type=float, default=0.0, show_default=True, help="With --format openvino --int8: NNCF reverts the layers that change the most answers to float until this percentage of the held-out images keep the float model's top-1 (99.5 kept 99.2% of a resnet18's test answers, against 98.8%; each layer group is tried in turn: minutes for deep models); 0: every layer int8.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which images calibrate and which are held out.")
 @click.option("--ignore-gate", is_flag=True, help="With --int8: keep the model even if it fails the gate (its metadata says it failed).")
 def export(**options: Any) -> None:

@@ -10,7 +10,7 @@ int8: NNCF calibrates on images preprocessed by the checkpoint's own eval pipeli
 (:func:`cnnkit.quantize.batches`), with ``nncf.quantize_with_accuracy_control`` measuring top-1
 *agreement with the float model* on the held-out images (labelled or not): the layers that change
 the most answers are reverted to float until at least ``--min-agreement`` of them keep the float
-model's top-1 (``0``: plain ``nncf.quantize``). Agreement rather than accuracy, because the answers
+model's top-1 (``0``, the default: plain ``nncf.quantize``). Agreement rather than accuracy, because the answers
 a user sees change with every disagreement, right or wrong, and an accuracy that nets gains against
 losses hides them; and the agreement bounds the accuracy change. The held-out images then also
 measure the gate (:func:`cnnkit.quantize.quantize_and_gate`), against the torch checkpoint, the
@@ -88,8 +88,8 @@ def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateIma
     model = ov.Core().read_model(float_xml)
     if min_agreement > 0:
         log.info("int8: reverting the layers that change the most answers to float until %.1f%% of the held-out "
-                 "images keep the float model's top-1 (each layer is tried: minutes for deep models on a few "
-                 "cores; --min-agreement 0 skips this)", 100 * min_agreement)
+                 "images keep the float model's top-1 (each layer group is tried in turn: minutes, for deep "
+                 "models on a few cores)", 100 * min_agreement)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars (rich) would mix with cnnkit's output
             quantized = _quantize(nncf, model, calibration, ckpt, images, min_agreement)
@@ -159,7 +159,7 @@ def quantize_gated_openvino(cfg: ExportConfig, ckpt: Checkpoint, float_onnx: str
                 "int8": OpenVinoBackend(int8_xml, "cpu").probabilities}
 
     quantization, report = quantize_and_gate(
-        cfg, ckpt, lambda images: quantize_ir(float_xml, int8_xml, ckpt, images, cfg.agreement_target), exports,
+        cfg, ckpt, lambda images: quantize_ir(float_xml, int8_xml, ckpt, images, cfg.min_agreement / 100), exports,
         "openvino")
     core = ov.Core()
     core.set_property({"ENABLE_MMAP": False})  # the weights in memory, not mapped from the file rewritten here

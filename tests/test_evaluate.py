@@ -190,8 +190,8 @@ def test_calibration_is_stored_in_a_new_file_and_used_by_predict(trained, image_
     plain = next(Predictor(str(ckpt), "cpu").score_paths([str(image)]))[1]
     scaled = next(Predictor(str(calibrated), "cpu").score_paths([str(image)]))[1]
     t = stored["temperature"]
-    expected = softmax_with_temperature(np.log(plain.numpy()[None].astype(np.float64)), t)[0]
-    assert scaled.numpy() == pytest.approx(expected, abs=1e-5)
+    expected = softmax_with_temperature(np.log(plain[None].astype(np.float64)), t)[0]
+    assert scaled == pytest.approx(expected, abs=1e-5)
 
     with pytest.raises(OutputError, match="--force"):  # a second calibration does not overwrite
         evaluate(_cfg(trained, image_folder, checkpoint=str(ckpt), calibrate=True))

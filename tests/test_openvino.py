@@ -73,7 +73,7 @@ def int8_ir(checkpoint, data, tmp_path_factory):
     """The int8 IR as a user makes it, in its own process (NNCF's quantization, run inside the
     suite's long-lived process after hundreds of other tests, crashed it with SIGSEGV)."""
     done = run_cli(["export", checkpoint, "--format", "openvino", "--int8", "--calibration-data", data,
-                    "--min-speedup", "0", "--max-accuracy-drop", "100"],
+                    "--min-agreement", "99.5", "--min-speedup", "0", "--max-accuracy-drop", "100"],
                    cli_subprocess_env(tmp_path_factory.mktemp("torch-home")))
     assert done.returncode == 0, done.stderr
     path = str(checkpoint.with_suffix(".int8.xml"))
@@ -133,10 +133,10 @@ def test_the_int8_ir_passes_its_gate_with_figures_in_its_metadata(int8_ir, float
     assert weights[0] < 0.4 * weights[1]  # int8 weights: about a quarter of float32's
 
 
-def test_min_agreement_0_quantizes_without_reverting_layers(checkpoint, data, tmp_path, cli_env):
+def test_by_default_every_layer_is_int8_without_accuracy_control(checkpoint, data, tmp_path, cli_env):
     out = tmp_path / "plain.xml"
     done = run_cli(["export", checkpoint, "--format", "openvino", "--int8", "--calibration-data", data, "-o", out,
-                    "--min-agreement", "0", "--min-speedup", "0", "--max-accuracy-drop", "100"], cli_env)
+                    "--min-speedup", "0", "--max-accuracy-drop", "100"], cli_env)
     assert done.returncode == 0, done.stderr
     quantization = read_metadata(str(out))["quantization"]
     assert quantization["accuracy_control"] is False and quantization["min_agreement"] == 0
