@@ -35,9 +35,8 @@ from .quantize import GateImages, GateReport, Runtime, batches, quantize_and_gat
 
 log = logging.getLogger(__name__)
 
-# Held-out images scored in one call by the accuracy control's metric: NNCF re-scores them once per
-# group of quantizers it ranks (about 120 for densenet121), and one image a call took over 25 minutes
-# there on 2 cores (benchmarks/RESULTS.md, Quantization).
+# Held-out images scored in one call by the accuracy control's metric: NNCF re-scores them for every
+# group of quantizers it ranks (about 120 for densenet121), and one image a call is the slowest way.
 VALIDATION_BATCH = 16
 
 
@@ -126,7 +125,7 @@ def _quantize(nncf: Any, model: Any, calibration: DecodedImages, ckpt: Checkpoin
     def agreement(compiled: Any, items: Any) -> tuple[float, list[float]]:
         """The share of ``items`` given the float model's answer, and a 1 or 0 for each."""
         same: list[float] = []
-        for batch in _in_batches(items, VALIDATION_BATCH):  # (one image a call was most of NNCF's time)
+        for batch in _in_batches(items, VALIDATION_BATCH):
             top1 = np.argmax(compiled(np.concatenate([image for image, _ in batch]))[0], axis=1)
             same += [float(int(answer) == answers[index]) for answer, (_, index) in zip(top1, batch)]
         return (sum(same) / len(same) if same else 1.0), same
