@@ -22,15 +22,16 @@ def test_prefetch_yields_every_item_in_order_from_another_thread():
     assert set(producers) == {"cnnkit-prefetch"}
 
 
+def recorded(count: int, produced: list[int]):
+    """0, 1, ... ``count - 1``, each appended to ``produced`` as the producer reaches it."""
+    for i in range(count):
+        produced.append(i)
+        yield i
+
+
 def test_prefetch_produces_the_next_item_while_the_consumer_works():
-    produced = []
-
-    def items():
-        for i in range(3):
-            produced.append(i)
-            yield i
-
-    stream = prefetch(items(), depth=1)
+    produced: list[int] = []
+    stream = prefetch(recorded(3, produced), depth=1)
     assert next(stream) == 0
     deadline = time.monotonic() + 5
     while len(produced) < 2 and time.monotonic() < deadline:  # while item 0 is in the consumer's hands
@@ -51,14 +52,8 @@ def test_prefetch_raises_the_producers_exception_in_the_consumer_after_the_items
 
 
 def test_prefetch_stops_the_producer_when_the_consumer_stops_early():
-    produced = []
-
-    def items():
-        for i in range(1000):
-            produced.append(i)
-            yield i
-
-    stream = prefetch(items(), depth=2)
+    produced: list[int] = []
+    stream = prefetch(recorded(1000, produced), depth=2)
     assert next(stream) == 0
     stream.close()  # joins the producer thread
     assert not any(t.name == "cnnkit-prefetch" for t in threading.enumerate())

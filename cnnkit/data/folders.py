@@ -177,10 +177,11 @@ def collate(batch: list[tuple[Any, int, tuple[str, str] | None]]):
     return (torch.from_numpy(images) if images is not None else None), torch.from_numpy(targets), errors
 
 
-def batched(dataset: Any, batch_size: int, collate_fn: Callable = collate_arrays) -> Iterator[Any]:
-    """``dataset``'s items in batches, in order, decoded in this thread (a DataLoader without workers)."""
+def batched(dataset: Any, batch_size: int) -> Iterator[Any]:
+    """``dataset``'s items in :func:`collate_arrays` batches, in order, decoded in this thread (a
+    DataLoader without workers)."""
     for start in range(0, len(dataset), batch_size):
-        yield collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        yield collate_arrays([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
 def expand_inputs(inputs: Iterable[str], stdin: Iterable[str] | None = None) -> Iterator[str]:
