@@ -23,7 +23,7 @@ score, ``--ignore-gate``: the gate's own speed figures are reported beside), eac
 the limit; the int8 IR also with ``--workers 0`` (decoding in turn with scoring instead of in a
 thread beside it). ``--accuracy-archs`` with no names runs the speed part alone. The weights are
 the accuracy part's trained ones where this run has them, with the architecture's 224-px
-preprocessing: the layers an int8 IR reverts to float (``--gate-flags='--min-agreement 99.5'``)
+preprocessing: the layers an int8 IR reverts to float (``--openvino-flags='--min-agreement 99.5'``)
 depend on them, so random weights would time another model; elsewhere random and seeded (the
 float runtimes' throughput does not depend on the weights' values).
 
@@ -131,9 +131,10 @@ def export(ckpt: Path, stem: Path, fmt: str, int8: bool, calibration: Path | Non
     return output, {"kept": True, **(read_metadata(output)["quantization"] if int8 else {})}
 
 
-def export_all(ckpt: Path, stem: Path, calibration: Path, flags: list[str], gated: bool) -> dict[str, dict]:
+def export_all(ckpt: Path, stem: Path, calibration: Path, args, gated: bool) -> dict[str, dict]:
     """Every artefact of ``ckpt`` (:data:`ARTEFACTS`): name -> {"path", "kept", and for int8 the
-    gate's figures ("quantization") and, when refused, its message}. ``gated``: an int8 model
+    gate's figures ("quantization") and, when refused, its message}; an int8 export gets
+    ``args.gate_flags``, an int8 IR ``args.openvino_flags`` too. ``gated``: an int8 model
     faces the whole gate and, when refused, is exported again with ``--ignore-gate`` to be
     measured anyway; otherwise it is exported with ``--ignore-gate`` and kept when it passes the
     speed half of its gate (random weights: the accuracy half says nothing)."""
@@ -143,6 +144,7 @@ def export_all(ckpt: Path, stem: Path, calibration: Path, flags: list[str], gate
             out[name] = {"path": ckpt, "kept": True}
             continue
         fmt, int8 = spec
+        flags = [*args.gate_flags, *(args.openvino_flags if fmt == "openvino" else [])]
         path, verdict = export(ckpt, stem, fmt, int8, calibration, flags if gated else [*flags, "--ignore-gate"])
         if not verdict["kept"]:  # (gated only) measure it anyway, to say by how much it failed
             _, again = export(ckpt, stem, fmt, int8, calibration, [*flags, "--ignore-gate"])
@@ -160,7 +162,7 @@ def accuracy_part(arch: str, args, work: Path) -> dict:
     from cnnkit.inference.predictor import Predictor
 
     ckpt, training = trained(arch, args)
-    artefacts = export_all(ckpt, work / f"{arch}-trained", FLOWERS_20, args.gate_flags, gated=True)
+    artefacts = export_all(ckpt, work / f"{arch}-trained", FLOWERS_20, args, gated=True)
     test = [str(p) for p in sorted((FLOWERS_20 / "test").glob("*/*.jpg"))]
     truth = [Path(p).parent.name for p in test]
     top1 = {}
@@ -169,6 +171,7 @@ def accuracy_part(arch: str, args, work: Path) -> dict:
         top1[name] = [p.top[0].label for p in Predictor(str(artefact["path"]), "cpu", tta="none").predict_paths(test)]
     reference = top1["torch checkpoint"]
     models = {name: {"kept": a["kept"], "refused": a.get("refused"), "gate": a.get("gate"),
+                     "method": a.get("method"), "smooth_quant_moved": a.get("smooth_quant_moved"),
                      "test_accuracy": sum(p == t for p, t in zip(top1[name], truth)) / len(truth),
                      "test_agreement": sum(p == r for p, r in zip(top1[name], reference)) / len(reference)}
               for name, a in artefacts.items()}
@@ -195,7 +198,7 @@ def speed_part(arch: str, args, work: Path, folder: Path, calibration: Path) -> 
     print(f"[{arch}] limit", file=sys.stderr, flush=True)
     limit = measure_limit(ckpt, args.limit_batch_sizes, min_batches=args.limit_batches, min_seconds=args.limit_seconds)
     print(f"[{arch}] exports", file=sys.stderr, flush=True)
-    artefacts = export_all(ckpt, work / arch, calibration, args.gate_flags, gated=False)
+    artefacts = export_all(ckpt, work / arch, calibration, args, gated=False)
     # Each artefact with cnnkit's defaults; the int8 IR also with --workers 0 (decoding in turn
     # with scoring, not in a thread beside it), to show what that overlap gives.
     artefacts[SERIAL] = artefacts["int8 OpenVINO"]
@@ -315,6 +318,8 @@ def main() -> None:
     parser.add_argument("--gate-flags", type=shlex.split, default=[], metavar="FLAGS",
                         help="more cnnkit export flags for every int8 export, as one string: "
                         "--gate-flags='--min-speedup 1.5'")
+    parser.add_argument("--openvino-flags", type=shlex.split, default=[], metavar="FLAGS",
+                        help="more cnnkit export flags for the int8 IRs only: --openvino-flags='--min-agreement 99.5'")
     parser.add_argument("--images", type=int, default=1000, help="photos scored by each whole-process run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])

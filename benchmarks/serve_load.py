@@ -33,6 +33,7 @@ import http.client
 import itertools
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -111,7 +112,8 @@ def batch_metrics(port: int) -> tuple[float, float]:
 # --- servers --------------------------------------------------------------------------------
 
 
-def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay_ms: str | None) -> subprocess.Popen:
+def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay_ms: str | None,
+                 int8_flags: list[str] = ()) -> subprocess.Popen:
     env = subprocess_env(CKPT=str(checkpoint), PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.pop("CNNKIT_ACCEPT_DELAY_MS", None)
@@ -119,7 +121,7 @@ def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay
         env["CNNKIT_ACCEPT_DELAY_MS"] = accept_delay_ms
     if kind.startswith("cnnkit"):
         backend, workers = cnnkit_kind(kind)
-        model = export_model(checkpoint, backend, env)
+        model = export_model(checkpoint, backend, env, int8_flags)
         # No shedding (the server before issue 16): this benchmark needs every request answered;
         # benchmarks/serve_ops.py measures overload.
         args = [sys.executable, "-m", "cnnkit", "serve", str(model), "--port", str(port),
@@ -139,11 +141,12 @@ def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def export_model(checkpoint: Path, backend: str | None, env: dict[str, str]) -> Path:
+def export_model(checkpoint: Path, backend: str | None, env: dict[str, str], int8_flags: list[str] = ()) -> Path:
     """The model file a cnnkit server kind serves (:data:`BACKENDS`): the checkpoint, its ONNX
     export or OpenVINO IR, or their int8 versions (calibrated on 128 photos of flowers-20 that the
     load does not send; the weights are random, so the accuracy half of the gate means nothing
-    here and --ignore-gate keeps the model whatever it says: this benchmark measures serving speed)."""
+    here and --ignore-gate keeps the model whatever it says: this benchmark measures serving speed;
+    ``int8_flags``: more flags for an int8 export)."""
     from cnnkit.export import default_output
 
     if backend is None:
@@ -158,7 +161,7 @@ def export_model(checkpoint: Path, backend: str | None, env: dict[str, str]) -> 
         calibration.mkdir(exist_ok=True)
         for src in real_images()[-128:]:  # valid/'s last; the payloads are test/'s first
             shutil.copyfile(src, calibration / f"{src.parent.name}_{src.name}")
-        flags += ["--int8", "--calibration-data", str(calibration), "--ignore-gate"]
+        flags += ["--int8", "--calibration-data", str(calibration), "--ignore-gate", *int8_flags]
     subprocess.run([sys.executable, "-m", "cnnkit", "-q", "export", str(checkpoint), "-o", str(model), *flags],
                    check=True, stdout=subprocess.DEVNULL, env=env)
     return model
@@ -228,7 +231,8 @@ def run_level(port: int, payloads: list, concurrency: int, requests: int, max_se
 def bench_server(kind: str, delay: str | None, args, checkpoint: Path, work: Path, payloads: list) -> dict[int, list[dict]]:
     """``--repeats`` runs of every concurrency level against one server instance."""
     port = free_port()
-    process = start_server(kind, checkpoint, port, work / f"{checkpoint.stem}-{kind}-{delay}.log", delay)
+    process = start_server(kind, checkpoint, port, work / f"{checkpoint.stem}-{kind}-{delay}.log", delay,
+                           args.openvino_int8_flags if "openvino-int8" in kind else [])
     workers = 2 if kind.endswith("w2") else 1
     try:
         wait_ready(port, process, payloads[0], workers)
@@ -403,6 +407,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="the largest batch size of the limit (serve's default)")
     parser.add_argument("--limit-batches", type=int, default=8)
     parser.add_argument("--limit-seconds", type=float, default=3.0)
+    parser.add_argument("--openvino-int8-flags", type=shlex.split, default=[], metavar="FLAGS",
+                        help="more cnnkit export flags for the int8 IRs, as one string: "
+                        "--openvino-int8-flags='--smooth-quant 0.5'")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "out" / "serve_load.json")
     args = parser.parse_args()
 

@@ -262,10 +262,20 @@ def test_default_output_names():
     ({"format": "tflite"}, "--format"), ({"opset": 5}, "--opset"), ({"format": "openvino", "output": "m.onnx"}, "--output"),
     ({"int8": True, "calibration_data": "d", "min_agreement": 99.0}, "--min-agreement"),  # ONNX Runtime has no such control
     ({"format": "openvino", "int8": True, "calibration_data": "d", "min_agreement": 101}, "--min-agreement"),
+    ({"int8": True, "calibration_data": "d", "smooth_quant": "0.5"}, "--smooth-quant"),  # NNCF's, not ONNX Runtime's
+    ({"format": "openvino", "int8": True, "calibration_data": "d", "smooth_quant": "1.5"}, "--smooth-quant"),
+    ({"format": "openvino", "int8": True, "calibration_data": "d", "smooth_quant": "0"}, "--smooth-quant"),  # off is "off"
+    ({"format": "openvino", "int8": True, "calibration_data": "d", "smooth_quant": "half"}, "--smooth-quant"),
 ])
 def test_export_config_names_the_flag_to_fix(values, flag):
     with pytest.raises(ConfigError, match=flag):
         ExportConfig("m.pt", **values)
+
+
+@pytest.mark.parametrize("value, alphas", [("auto", (0.0, 0.5)), ("off", (0.0,)), ("0.7", (0.7,)), ("1", (1.0,))])
+def test_smooth_quant_names_the_alphas_to_quantize_with(value, alphas):
+    cfg = ExportConfig("m.pt", format="openvino", int8=True, calibration_data="d", smooth_quant=value)
+    assert cfg.smooth_quant_alphas == alphas
 
 
 def test_info_describes_an_export_from_its_metadata(onnx_export, torchscript_export, checkpoint, cli_env):

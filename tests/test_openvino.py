@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("openvino")
+ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -127,6 +127,9 @@ def test_the_int8_ir_passes_its_gate_with_figures_in_its_metadata(int8_ir, float
     assert quantization["gate"] == json.loads(json.dumps(gate.to_dict()))
     assert quantization["accuracy_control"] is True and quantization["calibration_images"] == 18  # train/: 6 per class
     assert quantization["min_agreement"] == 0.995 and "float model's top-1" in quantization["method"]
+    moved = quantization["smooth_quant_moved"]  # --smooth-quant auto: with it off and at 0.5, the closer one kept
+    assert set(moved) == {"0", "0.5"} and all(0 <= m <= 1 for m in moved.values())
+    assert quantization["smooth_quant"] == float(min(moved, key=moved.__getitem__))
     backend = OpenVinoBackend(int8_ir.path, "cpu")
     assert backend.name == "openvino-int8" and backend.quantization == quantization
     weights = [Path(p).with_suffix(".bin").stat().st_size for p in (int8_ir.path, float_ir.path)]
@@ -140,6 +143,19 @@ def test_by_default_every_layer_is_int8_without_accuracy_control(checkpoint, dat
     assert done.returncode == 0, done.stderr
     quantization = read_metadata(str(out))["quantization"]
     assert quantization["accuracy_control"] is False and quantization["min_agreement"] == 0
+
+
+@pytest.mark.parametrize("value, alpha", [("off", 0), ("0.5", 0.5)])
+def test_smooth_quant_off_or_at_one_alpha_quantizes_once(checkpoint, data, tmp_path, cli_env, value, alpha):
+    out = tmp_path / "smooth.xml"
+    done = run_cli(["export", checkpoint, "--format", "openvino", "--int8", "--calibration-data", data, "-o", out,
+                    "--smooth-quant", value, "--min-speedup", "0", "--max-accuracy-drop", "100"], cli_env)
+    assert done.returncode == 0, done.stderr
+    quantization = read_metadata(str(out))["quantization"]
+    assert quantization["smooth_quant"] == alpha and quantization["smooth_quant_moved"] == {}
+    assert ("SmoothQuant (alpha 0.5)" in quantization["method"]) == bool(alpha)
+    smoothing = [op for op in ov.Core().read_model(str(out)).get_ops() if "smooth_quant" in op.get_friendly_name()]
+    assert bool(smoothing) == bool(alpha)  # NNCF's scales on the convolutions' inputs
 
 
 def test_predict_evaluate_and_info_take_the_int8_ir(int8_ir, data, tmp_path, cli_env):
@@ -210,7 +226,6 @@ def test_missing_openvino_or_nncf_is_one_line(checkpoint, data, float_ir, tmp_pa
 
 
 def test_irs_cnnkit_did_not_write_are_refused(float_ir, tmp_path):
-    import openvino as ov
     import openvino.opset13 as ops
 
     x = ops.parameter([-1, 3], np.float32, name="x")

@@ -22,7 +22,14 @@ from .base import (
     check_common,
 )
 from .scoring import EvaluateConfig, ExplainConfig, InspectConfig, PredictConfig
-from .serving import EXPORT_FORMATS, HEADER_NAME_PATTERN, SERVE_HOST_PATTERN, ExportConfig, ServeConfig
+from .serving import (
+    DEFAULT_SMOOTH_QUANT,
+    EXPORT_FORMATS,
+    HEADER_NAME_PATTERN,
+    SERVE_HOST_PATTERN,
+    ExportConfig,
+    ServeConfig,
+)
 from .training import (
     BUDGET_EPOCHS,
     CLASS_WEIGHTS,
@@ -37,7 +44,8 @@ from .training import (
 )
 
 __all__ = [
-    "AUGMENT_POLICIES", "BUDGET_EPOCHS", "CALIBRATION_METHODS", "CLASS_WEIGHTS", "DEFAULT_EPOCHS", "DEVICE_PATTERN",
+    "AUGMENT_POLICIES", "BUDGET_EPOCHS", "CALIBRATION_METHODS", "CLASS_WEIGHTS", "DEFAULT_EPOCHS",
+    "DEFAULT_SMOOTH_QUANT", "DEVICE_PATTERN",
     "EVAL_FIELDS", "EXPLAIN_METHODS", "EXPORT_FORMATS", "HEADER_NAME_PATTERN", "IMAGENET_MEAN", "IMAGENET_STD",
     "INTERPOLATIONS", "PREDICT_FORMATS", "RECIPES", "SAMPLERS", "SCHEDULERS", "SERVE_HOST_PATTERN", "TTA_MODES",
     "EvaluateConfig", "ExplainConfig", "ExportConfig", "InspectConfig", "LRFindConfig", "PredictConfig",
