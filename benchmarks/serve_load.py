@@ -415,7 +415,7 @@ def main() -> None:
 
     started = time.time()
     payloads = make_payloads(64)
-    results: dict = {"command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]),
+    results: dict = {"command": "python benchmarks/serve_load.py " + shlex.join(sys.argv[1:]),
                      "machine_before": machine(), "archs": {}}
     print(json.dumps(results["machine_before"]), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="cnnkit-serve-bench-") as tmp:

@@ -11,7 +11,8 @@ int8: NNCF calibrates on images preprocessed by the checkpoint's own eval pipeli
 with SmoothQuant on the convolutions' inputs (alpha 0.5: half of each input channel's range moved
 into the weights, which are quantized per channel), and keeps the model whose probabilities on the
 held-out images moved less from the float model's (benchmarks/RESULTS.md: it kept 99.6 % of a
-densenet121's test answers where plain NNCF kept 98.8 %, and did not help every model). Optionally
+densenet121's test answers where plain NNCF kept 98.8 %, did not help every model, and its scales
+cost about a quarter of the int8 speed). Optionally
 ``nncf.quantize_with_accuracy_control`` measures top-1
 *agreement with the float model* on the held-out images (labelled or not): the layers that change
 the most answers are reverted to float until at least ``--min-agreement`` of them keep the float
