@@ -48,10 +48,9 @@ os.environ.setdefault("NNCF_CI", "1")  # no usage telemetry
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from limit import CNNKIT, FLOWERS_20, machine, subprocess_env  # noqa: E402
 
-VARIANTS = ("cnnkit", "default", "full-bias-correction", "head-float", "ends-float", "mixed", "calibrate-all", "quantile",
-            "smooth-conv", "transformer-type", "smooth-conv-performance", "smooth-prepass", "channel-alignment", "agreement-control")
-
-
+VARIANTS = ("cnnkit", "default", "full-bias-correction", "head-float", "ends-float", "mixed", "calibrate-all",
+            "quantile", "smooth-conv", "transformer-type", "smooth-conv-performance", "smooth-prepass",
+            "channel-alignment", "agreement-control")
 SMOOTH_ALPHA = float(os.environ.get("SMOOTH_ALPHA", "0.5"))
 
 
@@ -59,20 +58,22 @@ def options(nncf, variant: str, model) -> dict:
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    def smoothing(alpha: float) -> AdvancedQuantizationParameters:
+        return AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=alpha, matmul=-1))
+
     quantile = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MEAN_QUANTILE)
+    # NNCF runs SmoothQuant for its transformer model type only (which also leaves additions and pooling in float)
+    transformer = {"model_type": nncf.ModelType.TRANSFORMER}
     return {"default": {}, "full-bias-correction": {"fast_bias_correction": False},
             "head-float": {"ignored_scope": nncf.IgnoredScope(types=["MatMul"])},
             "ends-float": {"ignored_scope": nncf.IgnoredScope(types=["MatMul"], names=[first_convolution(model)])},
-            "mixed": {"preset": nncf.QuantizationPreset.MIXED}, "calibrate-all": {}, "agreement-control": {}, "smooth-prepass": {}, "cnnkit": {},
-            "quantile": {"advanced_parameters": quantile},
-            # SmoothQuant runs for transformers only; the model type adds no ignored pattern a CNN has
-            "smooth-conv": {"model_type": nncf.ModelType.TRANSFORMER, "advanced_parameters": AdvancedQuantizationParameters(
-                smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=SMOOTH_ALPHA, matmul=-1))},
-            "transformer-type": {"model_type": nncf.ModelType.TRANSFORMER, "advanced_parameters": AdvancedQuantizationParameters(
-                smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1))},
-            "smooth-conv-performance": {"model_type": nncf.ModelType.TRANSFORMER, "preset": nncf.QuantizationPreset.PERFORMANCE,
-                                        "advanced_parameters": AdvancedQuantizationParameters(
-                smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=SMOOTH_ALPHA, matmul=-1))},
+            "mixed": {"preset": nncf.QuantizationPreset.MIXED}, "quantile": {"advanced_parameters": quantile},
+            "calibrate-all": {}, "agreement-control": {}, "smooth-prepass": {}, "cnnkit": {},
+            "smooth-conv": {**transformer, "advanced_parameters": smoothing(SMOOTH_ALPHA)},
+            "transformer-type": {**transformer, "advanced_parameters": smoothing(-1)},
+            "smooth-conv-performance": {**transformer, "preset": nncf.QuantizationPreset.PERFORMANCE,
+                                        "advanced_parameters": smoothing(SMOOTH_ALPHA)},
             "channel-alignment": {"advanced_parameters": AdvancedQuantizationParameters(disable_channel_alignment=False)},
             }[variant]
 
@@ -124,8 +125,8 @@ def main() -> None:
     import openvino as ov
 
     from cnnkit.inference.predictor import Predictor
-    from cnnkit.openvino_export import DecodedImages
     from cnnkit.models.checkpoint import load_checkpoint
+    from cnnkit.openvino_export import DecodedImages
     from cnnkit.quantize import gate_images
 
     nncf.set_log_level(logging.ERROR)
@@ -156,8 +157,8 @@ def main() -> None:
         agree = {s: sum(a == b for a, b in zip(top1[s], reference[s])) / len(reference[s]) for s in splits}
         accuracy = sum(a == Path(p).parent.name for a, p in zip(top1["test"], splits["test"])) / len(splits["test"])
         moved = 0.5 * np.abs(core.compile_model(str(int8_xml), "CPU")(arrays)[0] - reference_probabilities).sum(1).mean()
-        print(f"| {variant}{chosen} | {agree['test']:.1%} | {agree['valid']:.1%} | {accuracy:.1%} | {moved:.2%} | {seconds:.0f} |",
-              flush=True)
+        print(f"| {variant}{chosen} | {agree['test']:.1%} | {agree['valid']:.1%} | {accuracy:.1%} | {moved:.2%} "
+              f"| {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
