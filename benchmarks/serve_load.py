@@ -45,6 +45,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -113,7 +114,7 @@ def batch_metrics(port: int) -> tuple[float, float]:
 
 
 def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay_ms: str | None,
-                 int8_flags: list[str] = ()) -> subprocess.Popen:
+                 int8_flags: Sequence[str] = ()) -> subprocess.Popen:
     env = subprocess_env(CKPT=str(checkpoint), PYTHONUNBUFFERED="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.pop("CNNKIT_ACCEPT_DELAY_MS", None)
@@ -141,7 +142,7 @@ def start_server(kind: str, checkpoint: Path, port: int, log: Path, accept_delay
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def export_model(checkpoint: Path, backend: str | None, env: dict[str, str], int8_flags: list[str] = ()) -> Path:
+def export_model(checkpoint: Path, backend: str | None, env: dict[str, str], int8_flags: Sequence[str] = ()) -> Path:
     """The model file a cnnkit server kind serves (:data:`BACKENDS`): the checkpoint, its ONNX
     export or OpenVINO IR, or their int8 versions (calibrated on 128 photos of flowers-20 that the
     load does not send; the weights are random, so the accuracy half of the gate means nothing

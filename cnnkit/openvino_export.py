@@ -12,15 +12,14 @@ with SmoothQuant on the convolutions' inputs (alpha 0.5: half of each input chan
 into the weights, which are quantized per channel), and keeps the model whose probabilities on the
 held-out images moved less from the float model's (benchmarks/RESULTS.md: it kept 99.6 % of a
 densenet121's test answers where plain NNCF kept 98.8 %, did not help every model, and its scales
-cost about a quarter of the int8 speed). Optionally
-``nncf.quantize_with_accuracy_control`` measures top-1
-*agreement with the float model* on the held-out images (labelled or not): the layers that change
-the most answers are reverted to float until at least ``--min-agreement`` of them keep the float
-model's top-1 (``0``, the default: plain ``nncf.quantize``). Agreement rather than accuracy, because the answers
-a user sees change with every disagreement, right or wrong, and an accuracy that nets gains against
-losses hides them; and the agreement bounds the accuracy change. The held-out images then also
-measure the gate (:func:`cnnkit.quantize.quantize_and_gate`), against the torch checkpoint, the
-float ONNX export and the float IR.
+cost about a quarter of the int8 speed). With ``--min-agreement`` above 0 (0, the default: plain
+``nncf.quantize``), ``nncf.quantize_with_accuracy_control`` measures top-1 *agreement with the
+float model* on the held-out images (labelled or not): the layers that change the most answers are
+reverted to float until at least that share of them keep the float model's top-1. Agreement rather
+than accuracy, because the answers a user sees change with every disagreement, right or wrong, and
+an accuracy that nets gains against losses hides them; and the agreement bounds the accuracy change.
+The held-out images then also measure the gate (:func:`cnnkit.quantize.quantize_and_gate`), against
+the torch checkpoint, the float ONNX export and the float IR.
 """
 
 from __future__ import annotations
