@@ -85,8 +85,9 @@ for name, v in cands.items():
 rows.sort(reverse=True)
 conf_va = separation(vals['msp']['VA'], vals['msp']['UNV'])['auroc']; conf_te = separation(vals['msp']['TE'], vals['msp']['UN'])['auroc']
 print(f'confidence: valid {conf_va:.3f} test {conf_te:.3f}')
-prod = 'z(msp) + 1 z(layer4 maha r0.05)'
-print('cnnkit now:', [r for r in rows if r[2] == prod])
+for label, prod in (('cnnkit, open-set statistics version 1:', 'z(msp) + 1 z(layer4 maha r0.05)'),
+                    ('cnnkit, version 2 (relative):', 'z(msp) + 1 z(layer4 rmd r0.01)')):
+    print(label, [r for r in rows if r[2] == prod])
 print('top 15 by valid AUROC:')
 for va, te, name in rows[:15]:
     print(f'  valid {va:.3f}  test {te:.3f} (+{te - conf_te:.3f})  {name}')

@@ -21,6 +21,7 @@ from cnnkit.models.openset import (
     MAX_FEATURES,
     OpenSetScorer,
     capture_features,
+    background_fit,
     check_open_set,
     gaussian_fit,
     open_set_from_json,
@@ -50,6 +51,25 @@ def test_mahalanobis_distance_of_a_hand_made_2d_example():
     # z(confidence) - z(distance): (0.75 - 0.5) / 0.25 - (sqrt(1.875) - 1) / 0.5
     known = scorer.known_scores(np.array([0.75]), distance[:1].numpy())
     assert known[0] == pytest.approx(1 - (math.sqrt(1.875) - 1) / 0.5)
+
+
+def test_relative_mahalanobis_distance_of_the_same_example():
+    # The background: one Gaussian of all 8 points, mean (2, 0), covariance diag(48/8, 4/8).
+    spread = torch.tensor([[-2.0, 0], [2, 0], [0, -1], [0, 1]])
+    features = torch.cat([spread, spread + torch.tensor([4.0, 0])])
+    means, factor = gaussian_fit(features, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), 2, ridge=0.0)
+    background_mean, background_factor = background_fit(features, ridge=0.0)
+    assert background_mean.tolist() == [2, 0]
+    assert torch.allclose(background_factor.T @ background_factor, torch.diag(torch.tensor([1 / 6, 2.0])), atol=1e-6)
+    scorer = OpenSetScorer({"means": means, "precision_factor": factor, "background_mean": background_mean,
+                            "background_factor": background_factor})
+    # squared distance to the nearest class (1.875 and 6.375, as above) less that to the background:
+    # (1, 1): 1/6 + 1 * 2; (3, -2): 1/6 + 4 * 2
+    distance = scorer.distances(torch.tensor([[1.0, 1.0], [3.0, -2.0]]))
+    assert distance.tolist() == pytest.approx([1.875 - 13 / 6, 6.375 - 49 / 6], rel=1e-6)
+    # the ridge is relative to the mean variance: 0.5 * (6 + 0.5) / 2 added to each
+    _, ridged = background_fit(features, ridge=0.5)
+    assert torch.allclose(ridged.T @ ridged, torch.diag(1 / torch.tensor([6 + 1.625, 0.5 + 1.625])), atol=1e-6)
 
 
 def test_auroc_and_fpr_at_95_tpr_of_a_hand_computed_example():
@@ -100,10 +120,23 @@ def test_training_stores_the_statistics_and_they_round_trip(trained, tmp_path):
     # through an export's JSON metadata
     props = onnx_props(export_metadata(ckpt))
     exported = checkpoint_from_metadata(parse_onnx_props(props), "model.onnx").open_set
-    assert torch.equal(exported["precision_factor"], stats["precision_factor"])
+    assert all(torch.equal(exported[k], stats[k]) for k in ("precision_factor", "background_mean", "background_factor"))
     assert exported["distance"] == stats["distance"] and exported["confidence"] == stats["confidence"]
     assert open_set_from_json(open_set_to_json(None)) is None and open_set_from_json({"means": 1}) is None
     assert "open set     stored" in format_description({**_info(trained.best)})
+
+
+def test_version_1_statistics_keep_the_plain_distance(trained):
+    stats = load_checkpoint(trained.best).open_set
+    old = {k: v for k, v in stats.items() if not k.startswith("background")} | {"version": 1}
+    assert check_open_set(old, 3) is not None
+    again = open_set_from_json(json.loads(json.dumps(open_set_to_json(old))))
+    assert set(again) == set(old) and torch.equal(again["precision_factor"], old["precision_factor"])
+    features = torch.randn(4, 512, dtype=torch.float64)
+    plain = OpenSetScorer(again).distances(features)
+    whitened = (features @ old["precision_factor"].double().T)[:, None] - (old["means"].double() @ old["precision_factor"].double().T)
+    assert torch.allclose(plain, whitened.pow(2).sum(2).min(1).values.sqrt())
+    assert not torch.allclose(OpenSetScorer(stats).distances(features), plain)
 
 
 def _info(path: Path) -> dict:
@@ -125,6 +158,11 @@ def test_statistics_that_are_not_a_dict_make_a_damaged_checkpoint(trained, tmp_p
 def test_damaged_statistics_are_ignored_with_a_warning(caplog):
     assert check_open_set({"version": 1, "means": torch.zeros(3, 4), "precision_factor": torch.eye(5)}, 3) is None
     assert check_open_set({"version": 99}, 3) is None
+    standardised = {"confidence": {"mean": 0.5, "std": 0.1}, "distance": {"mean": 1.0, "std": 0.2}}
+    v2 = {"version": 2, "means": torch.zeros(3, 4), "precision_factor": torch.eye(4), **standardised}
+    assert check_open_set(v2, 3) is None  # version 2 without its background
+    assert check_open_set({**v2, "background_mean": torch.zeros(4), "background_factor": torch.eye(3)}, 3) is None
+    assert check_open_set({**v2, "background_mean": torch.zeros(4), "background_factor": torch.eye(4)}, 3) is not None
     assert "open-set statistics are not usable" in caplog.text
 
 
