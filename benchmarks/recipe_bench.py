@@ -52,6 +52,7 @@ RECIPES = {
     "trivial+ls+ema": ["--augment", "trivial", "--label-smoothing", "0.1", "--ema", "0.99", *FP32],
     "trivial+mix+ls+ema": ["--augment", "trivial", *MIX, "--label-smoothing", "0.1", "--ema", "0.99", *FP32],
     "plain+amp": ["--amp"],  # bfloat16 autocast: native on CPUs with AMX / AVX512-BF16
+    "plain+amp+bs32": ["--amp", "--batch-size", "32"],  # (over the setting's --batch-size 64) twice the steps
     "trivial+ls+amp": ["--augment", "trivial", "--label-smoothing", "0.1", "--amp"],
     "rand+erase+ls": ["--augment", "rand", "--random-erase", "0.25", "--label-smoothing", "0.1", *FP32],
     "recipe scratch": ["--recipe", "scratch"],

@@ -49,7 +49,7 @@ MAX_FEATURES = 2048
 # Ridge added to both covariances, relative to their mean variance: with fewer training images
 # than feature dimensions a sample covariance is singular (sklearn is not in the lock, so no
 # Ledoit-Wolf shrinkage). 0.01: on flowers-20's held-out classes 0.05 did worse, and 0.001 was
-# within 0.003 AUROC of it with a near-singular covariance damped ten times less
+# within 0.005 AUROC of it with a near-singular covariance damped ten times less
 # (benchmarks/unknown_select.py).
 RIDGE = 0.01
 TENSOR_KEYS = ("means", "precision_factor", "background_mean", "background_factor")
