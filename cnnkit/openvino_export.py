@@ -101,10 +101,15 @@ def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateIma
                  "models on a few cores)", 100 * min_agreement)
     core = ov.Core()
     try:
+        # The float IR's outputs on the held-out images, once: accuracy control's reference answers
+        # (for every alpha) and the reference the alphas' models are compared with.
+        reference = (_outputs(core.compile_model(float_xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), ckpt,
+                              images.held_out) if min_agreement > 0 or len(smooth_quant_alphas) > 1 else None)
         with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars (rich) would mix with cnnkit's output
-            models = {alpha: _quantize(nncf, core.read_model(float_xml), calibration, ckpt, images, min_agreement, alpha)
+            models = {alpha: _quantize(nncf, core.read_model(float_xml), calibration, ckpt, images, min_agreement, alpha,
+                                       reference)
                       for alpha in smooth_quant_alphas}
-        moved = _probabilities_moved(core, float_xml, models, ckpt, images.held_out) if len(models) > 1 else {}
+        moved = _probabilities_moved(core, models, reference, ckpt, images.held_out) if len(models) > 1 else {}
         alpha = min(moved, key=moved.__getitem__) if moved else smooth_quant_alphas[0]
         if moved:
             log.info("int8: SmoothQuant %s (held-out probabilities moved %s)", f"alpha {alpha:g}" if alpha else "off",
@@ -128,10 +133,10 @@ def quantize_ir(float_xml: str, int8_xml: str, ckpt: Checkpoint, images: GateIma
 
 
 def _quantize(nncf: Any, model: Any, calibration: DecodedImages, ckpt: Checkpoint, images: GateImages,
-              min_agreement: float, smooth_quant: float) -> Any:
-    """``nncf.quantize``, or ``quantize_with_accuracy_control`` on agreement with the float model."""
+              min_agreement: float, smooth_quant: float, reference: Any) -> Any:
+    """``nncf.quantize``, or ``quantize_with_accuracy_control`` on agreement with the float model,
+    whose outputs on the held-out images are ``reference``."""
     import numpy as np
-    import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     dataset = nncf.Dataset(calibration, lambda item: item[0])
@@ -147,8 +152,7 @@ def _quantize(nncf: Any, model: Any, calibration: DecodedImages, ckpt: Checkpoin
         return nncf.quantize(model, dataset, advanced_parameters=advanced, **common)
     # Each held-out image with its index for a label: the float model's answer is looked up by it.
     held_out = DecodedImages(ckpt, images.held_out, list(range(len(images.held_out))))
-    float_model = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})  # as NNCF runs it
-    answers = {index: int(np.argmax(float_model(image)[0])) for image, index in held_out}
+    answers = np.argmax(reference, axis=1)
 
     def agreement(compiled: Any, items: Any) -> tuple[float, list[float]]:
         """The share of ``items`` given the float model's answer, and a 1 or 0 for each."""
@@ -163,22 +167,23 @@ def _quantize(nncf: Any, model: Any, calibration: DecodedImages, ckpt: Checkpoin
                                                advanced_quantization_parameters=advanced, **common)
 
 
-def _probabilities_moved(core: Any, float_xml: str, models: dict[float, Any], ckpt: Checkpoint,
-                         paths: list[str]) -> dict[float, float]:
-    """Each int8 model's mean total variation distance from the float IR's probabilities on ``paths``."""
+def _outputs(compiled: Any, ckpt: Checkpoint, paths: list[str]) -> Any:
+    """``compiled``'s outputs (probabilities, ``[N, classes]``) on ``paths``, in order."""
     import numpy as np
 
-    reference = core.compile_model(float_xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    compiled = {alpha: core.compile_model(model, "CPU") for alpha, model in models.items()}
-    total = dict.fromkeys(models, 0.0)
-    count = 0
-    for batch in _in_batches(DecodedImages(ckpt, paths), VALIDATION_BATCH):
-        inputs = np.concatenate([image for image, _ in batch])
-        expected = reference(inputs)[0]
-        for alpha, model in compiled.items():
-            total[alpha] += 0.5 * float(np.abs(model(inputs)[0] - expected).sum())
-        count += len(batch)
-    return {alpha: value / max(count, 1) for alpha, value in total.items()}
+    rows = [compiled(np.concatenate([image for image, _ in batch]))[0]
+            for batch in _in_batches(DecodedImages(ckpt, paths), VALIDATION_BATCH)]
+    return np.concatenate(rows) if rows else np.zeros((0, len(ckpt.classes)), dtype=np.float32)
+
+
+def _probabilities_moved(core: Any, models: dict[float, Any], reference: Any, ckpt: Checkpoint,
+                         paths: list[str]) -> dict[float, float]:
+    """Each int8 model's mean total variation distance from ``reference``, the float IR's
+    probabilities on ``paths``."""
+    import numpy as np
+
+    return {alpha: 0.5 * float(np.abs(_outputs(core.compile_model(model, "CPU"), ckpt, paths) - reference).sum())
+            / max(len(reference), 1) for alpha, model in models.items()}
 
 
 def _in_batches(items: Any, size: int) -> Iterator[list[Any]]:
