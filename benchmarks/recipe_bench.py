@@ -56,6 +56,14 @@ RECIPES = {
     "trivial+ls+amp": ["--augment", "trivial", "--label-smoothing", "0.1", "--amp"],
     "rand+erase+ls": ["--augment", "rand", "--random-erase", "0.25", "--label-smoothing", "0.1", *FP32],
     "recipe scratch": ["--recipe", "scratch"],
+    # The README demo's screen (--data mini, float32 there: no budget): one change at a time
+    "bs16": ["--batch-size", "16"],
+    "bs8": ["--batch-size", "8"],
+    "bs4": ["--batch-size", "4"],
+    "bs8+lr2e-3": ["--batch-size", "8", "--learning-rate", "2e-3"],
+    "bs8+ema": ["--batch-size", "8", "--ema", "0.98"],
+    "bs8+linear-head": ["--batch-size", "8", "--hidden-units", "0"],
+    "bs8+96px": ["--batch-size", "8", "--image-size", "96"],  # (over the setting's 64)
 }
 BACKBONE = "{backbone}"  # --data transfer: the flowers-20 checkpoint given by --backbone
 TRANSFER_EPOCHS = ["--epochs", "10", "--fine-tune", "10"]
