@@ -50,17 +50,6 @@ except ImportError:  # hypothesis is in the test extra; without it only the fuzz
 # --- data fixtures --------------------------------------------------------------------------
 
 
-# Modules that load the OpenVINO runtime into the test process run last. Twice in fresh-clone runs
-# of the whole suite the process died with SIGSEGV some tests after they had run (in a quantization
-# the first time, in test_serve_admission's threads the second), never when the same modules ran
-# alone or together: the runtime's thread pools share the process with torch's for good.
-RUNTIME_LAST = ("test_openvino.py",)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name in RUNTIME_LAST)  # stable: the order is kept otherwise
-
-
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """DATA_DIR with train/ (6 per class) and valid/ (2 per class); read-only for tests."""
