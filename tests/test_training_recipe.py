@@ -45,6 +45,34 @@ def test_every_policy_makes_training_tensors_and_leaves_the_eval_pipeline_alone(
                                rtol=0, atol=0)
 
 
+def test_training_crops_take_their_own_size_and_scale_and_eval_keeps_image_size(photo, monkeypatch):
+    from torchvision.transforms import RandomResizedCrop
+
+    pre = PreprocessConfig(image_size=32, resize_size=36, train_size=24, min_scale=0.5)
+    seen = []
+    real = RandomResizedCrop.get_params
+    monkeypatch.setattr(RandomResizedCrop, "get_params",
+                        staticmethod(lambda img, scale, ratio: seen.append(scale) or real(img, scale, ratio)))
+    torch.manual_seed(0)
+    assert build_transforms(pre, train=True)(photo).shape == (3, 24, 24)  # FixRes: train smaller...
+    assert build_transforms(pre, train=False)(photo).shape == (3, 32, 32)  # ...evaluate at image_size
+    assert seen == [(0.5, 1.0)]
+    with pytest.raises(ConfigError, match="train_size must be at least 16"):
+        PreprocessConfig(train_size=8)
+
+
+def test_train_image_size_and_min_scale_reach_the_checkpoints_preprocessing(image_folder, tmp_path, caplog):
+    caplog.set_level("INFO", logger="cnnkit")
+    train(tiny_train_config(image_folder, tmp_path, epochs=1, train_image_size=24, min_scale=0.35))
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert (ckpt.preprocess.train_size, ckpt.preprocess.min_scale, ckpt.preprocess.image_size) == (24, 0.35, 32)
+    assert "crops of 0.35..1 of the area, training crops of 24 px" in caplog.text
+    for bad, message in (({"train_image_size": 8}, "--train-image-size must be at least 16"),
+                         ({"min_scale": 0}, r"--min-scale must be in \(0, 1\]")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig("data", **bad)
+
+
 def test_policy_none_trains_on_the_eval_pipeline(photo):
     pre = PreprocessConfig(image_size=32, resize_size=36, policy="none")
     torch.testing.assert_close(build_transforms(pre, train=True)(photo), build_transforms(pre, train=False)(photo),

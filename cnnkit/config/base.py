@@ -50,8 +50,10 @@ class PreprocessConfig(Serializable):
     """Everything that turns a decoded image into the model's input tensor.
 
     Eval: resize the short side to ``resize_size``, centre-crop ``image_size``, normalise.
-    Train (``policy`` light, trivial or rand; none is the eval pipeline): random-resized crop of ``image_size`` (area
-    ``min_scale``..1), horizontal flip with probability ``hflip``, vertical flip with ``vflip``,
+    Train (``policy`` light, trivial or rand; none is the eval pipeline): a random-resized crop of
+    area ``min_scale``..1 at ``train_size`` (None: ``image_size``; smaller trains faster, and the
+    eval crop then shows objects at about the size the random crops' zoom gave them: FixRes,
+    Touvron et al. 2019), horizontal flip with probability ``hflip``, vertical flip with ``vflip``,
     a random multiple of 90° with ``rot90`` (for images with no natural orientation), then
     TrivialAugmentWide (trivial) or RandAugment (rand), normalise, and random erasing with
     probability ``random_erase``. The train-time fields never change the eval pipeline.
@@ -69,6 +71,7 @@ class PreprocessConfig(Serializable):
     vflip: float = 0.0
     rot90: bool = False
     random_erase: float = 0.0
+    train_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -90,6 +93,7 @@ class PreprocessConfig(Serializable):
         check(self.policy in AUGMENT_POLICIES, f"policy must be one of {', '.join(AUGMENT_POLICIES)}, got {self.policy!r}")
         check(0 <= self.vflip <= 1, f"vflip must be a probability in [0, 1], got {self.vflip}")
         check(0 <= self.random_erase <= 1, f"random_erase must be a probability in [0, 1], got {self.random_erase}")
+        check(self.train_size is None or self.train_size >= 16, f"train_size must be at least 16 pixels, got {self.train_size}")
 
 
 EVAL_FIELDS = ("image_size", "resize_size", "mean", "std", "interpolation", "max_pixels")  # what inference uses

@@ -35,7 +35,7 @@ SAMPLERS = ("shuffle", "balanced")
 # cores (12-31 epochs), TrivialAugment with label smoothing lost 6-8 points to light augmentation
 # alone: strong augmentation pays over longer schedules than that, so scratch stays light (what
 # it gains there is bfloat16, a precision default: training/recipe.default_amp).
-LIGHT = {"augment": None, "random_erase": 0.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "ema": 0.0}
+LIGHT = {"augment": None, "min_scale": 0.08, "random_erase": 0.0, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "ema": 0.0}
 RECIPES: dict[str, dict[str, Any]] = {
     "plain": LIGHT,
     "scratch": LIGHT,
@@ -69,6 +69,8 @@ class TrainConfig(Serializable):
     val_split: float = 0.2
     image_size: int | None = None  # None: the architecture's pretrained crop size
     resize_size: int | None = None  # None: the architecture's pretrained resize size
+    train_image_size: int | None = None  # the training crops' size; None: image_size (smaller: faster epochs, FixRes)
+    min_scale: float | None = None  # the smallest share of an image's area a training crop takes; None: the recipe's
     scheduler: str = "cosine"
     resume: str | None = None
     force: bool = False
@@ -82,7 +84,7 @@ class TrainConfig(Serializable):
     sampler: str = "shuffle"  # shuffle | balanced: draw classes equally often
     augment: str | None = None  # AUGMENT_POLICIES; None: light while the backbone trains, none while it is frozen
     recipe: str | None = None  # RECIPES; None: default_recipe(weights)
-    # None in the five below: the recipe's value (with_recipe fills them in)
+    # None in the five below and in min_scale: the recipe's value (with_recipe fills them in)
     random_erase: float | None = None  # probability of erasing a random rectangle of a training image
     vflip: bool = False  # vertical flips too (images with no natural orientation: cells, satellites, scans)
     rot90: bool = False  # random multiples of 90 degrees too (the same)
@@ -113,6 +115,11 @@ class TrainConfig(Serializable):
             self.image_size is None or self.image_size >= 16,
             f"--image-size must be at least 16, got {self.image_size}",
         )
+        check(
+            self.train_image_size is None or self.train_image_size >= 16,
+            f"--train-image-size must be at least 16, got {self.train_image_size}",
+        )
+        check(self.min_scale is None or 0 < self.min_scale <= 1, f"--min-scale must be in (0, 1], got {self.min_scale}")
         check(
             self.scheduler in SCHEDULERS,
             f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}",

@@ -82,7 +82,7 @@ def build_transforms(cfg: PreprocessConfig, train: bool, arrays: bool = False) -
 
     interpolation = T.InterpolationMode(cfg.interpolation)
     steps: list = [
-        T.RandomResizedCrop(cfg.image_size, scale=(cfg.min_scale, 1.0), interpolation=interpolation),
+        T.RandomResizedCrop(cfg.train_size or cfg.image_size, scale=(cfg.min_scale, 1.0), interpolation=interpolation),
         T.RandomHorizontalFlip(cfg.hflip),
     ]
     if cfg.vflip:

@@ -266,6 +266,10 @@ def recipe_reason(cfg: TrainConfig) -> str:
 def recipe_settings(cfg: TrainConfig) -> list[str]:
     """The recipe's fields as this run has them, flags over the recipe's values."""
     settings = [f"augment {cfg.augment or 'light while the backbone trains'}"]
+    if cfg.min_scale is not None:  # (None in runs saved before the field)
+        settings.append(f"crops of {cfg.min_scale:g}..1 of the area")
+    if cfg.train_image_size:
+        settings.append(f"training crops of {cfg.train_image_size} px")
     for name in ("random_erase", "mixup", "cutmix", "label_smoothing", "ema"):
         value = getattr(cfg, name)
         settings.append(f"{name.replace('_', ' ')} {value:g}" if value else f"no {name.replace('_', ' ')}")

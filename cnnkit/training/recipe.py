@@ -41,7 +41,8 @@ class Recipe:
         """``base`` (the architecture's eval preprocessing) with the run's training augmentation."""
         cfg = self.cfg
         return dataclasses.replace(base, policy=cfg.augment or "light", vflip=0.5 if cfg.vflip else 0.0,
-                                   rot90=cfg.rot90, random_erase=cfg.random_erase)
+                                   rot90=cfg.rot90, random_erase=cfg.random_erase, min_scale=cfg.min_scale or base.min_scale,
+                                   train_size=cfg.train_image_size)
 
     @property
     def caches_features(self) -> bool:
