@@ -51,7 +51,7 @@ def test_train_flags_map_to_config_fields(captured, tmp_path):
         "train", tmp_path, "--fine-tune", "3", "--fine-tune-lr", "2e-5", "--early-stop", "4", "--clip-grad", "1.5",
         "--class-weights", "balanced", "--weight-decay", "0.05", "--warmup", "0.5", "--scheduler", "step",
         "--no-augment", "--no-cache-features", "--amp", "--mlflow", "--nproc", "2",
-        "--train-image-size", "96", "--min-scale", "0.25",
+        "--train-size-ratio", "0.75", "--min-scale", "0.25",
     ])
     assert result.exit_code == 130
     (cfg,) = captured
@@ -59,7 +59,7 @@ def test_train_flags_map_to_config_fields(captured, tmp_path):
     assert (cfg.class_weights, cfg.sampler, cfg.weight_decay, cfg.warmup, cfg.scheduler) == (
         "balanced", "shuffle", 0.05, 0.5, "step")
     assert (cfg.augment, cfg.cache_features, cfg.amp, cfg.mlflow, cfg.nproc) == ("none", False, True, True, 2)
-    assert (cfg.train_image_size, cfg.min_scale) == (96, 0.25)
+    assert (cfg.train_size_ratio, cfg.min_scale) == (0.75, 0.25)
     assert cfg.epochs is None  # not given: 5 for a new run, the run's own when resuming
 
 

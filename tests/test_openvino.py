@@ -65,12 +65,11 @@ def data(tmp_path_factory) -> Path:
 
 
 # The OpenVINO runtime is never loaded into this process: loaded into the suite's long-lived
-# process beside torch's and ONNX Runtime's thread pools, it crashed it with SIGSEGV, in
-# quantizations and server threads of later tests, and in CI (a 2-core AMD EPYC) within this
-# module, though never on the development machine. The user's commands load it in their own
-# processes (run_cli); everything else that needs it runs in ``runtime``, a spawned interpreter
-# (not forked: torch's OpenMP pool does not survive a fork), and the tests assert here on what
-# it sends back.
+# process beside torch's and ONNX Runtime's thread pools, it crashed that process with SIGSEGV,
+# in quantizations and server threads of later tests, and once in CI within this module (never
+# on the development machine). The user's commands load it in processes of their own (run_cli);
+# everything else that needs it runs in ``runtime``, a new interpreter (spawned, not forked from
+# this process and its thread pools), and the tests assert here on what it sends back.
 @pytest.fixture(scope="module")
 def runtime():
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:

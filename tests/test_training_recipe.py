@@ -61,13 +61,13 @@ def test_training_crops_take_their_own_size_and_scale_and_eval_keeps_image_size(
         PreprocessConfig(train_size=8)
 
 
-def test_train_image_size_and_min_scale_reach_the_checkpoints_preprocessing(image_folder, tmp_path, caplog):
+def test_train_size_ratio_and_min_scale_reach_the_checkpoints_preprocessing(image_folder, tmp_path, caplog):
     caplog.set_level("INFO", logger="cnnkit")
-    train(tiny_train_config(image_folder, tmp_path, epochs=1, train_image_size=24, min_scale=0.35))
+    train(tiny_train_config(image_folder, tmp_path, epochs=1, train_size_ratio=0.75, min_scale=0.35))
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert (ckpt.preprocess.train_size, ckpt.preprocess.min_scale, ckpt.preprocess.image_size) == (24, 0.35, 32)
-    assert "crops of 0.35..1 of the area, training crops of 24 px" in caplog.text
-    for bad, message in (({"train_image_size": 8}, "--train-image-size must be at least 16"),
+    assert "crops of 0.35..1 of the area, training crops at 0.75 of the image size" in caplog.text
+    for bad, message in (({"train_size_ratio": 1.5}, r"--train-size-ratio must be in \(0, 1\]"),
                          ({"min_scale": 0}, r"--min-scale must be in \(0, 1\]")):
         with pytest.raises(ConfigError, match=message):
             TrainConfig("data", **bad)

@@ -268,8 +268,8 @@ def recipe_settings(cfg: TrainConfig) -> list[str]:
     settings = [f"augment {cfg.augment or 'light while the backbone trains'}"]
     if cfg.min_scale is not None:  # (None in runs saved before the field)
         settings.append(f"crops of {cfg.min_scale:g}..1 of the area")
-    if cfg.train_image_size:
-        settings.append(f"training crops of {cfg.train_image_size} px")
+    if cfg.train_size_ratio not in (None, 1):
+        settings.append(f"training crops at {cfg.train_size_ratio:g} of the image size")
     for name in ("random_erase", "mixup", "cutmix", "label_smoothing", "ema"):
         value = getattr(cfg, name)
         settings.append(f"{name.replace('_', ' ')} {value:g}" if value else f"no {name.replace('_', ' ')}")

@@ -42,7 +42,7 @@ class Recipe:
         cfg = self.cfg
         return dataclasses.replace(base, policy=cfg.augment or "light", vflip=0.5 if cfg.vflip else 0.0,
                                    rot90=cfg.rot90, random_erase=cfg.random_erase, min_scale=cfg.min_scale or base.min_scale,
-                                   train_size=cfg.train_image_size)
+                                   train_size=train_size(base.image_size, cfg.train_size_ratio))
 
     @property
     def caches_features(self) -> bool:
@@ -67,6 +67,11 @@ class Recipe:
         if phase == FINE_TUNE:
             return int(fine_tune_from or 0), self.cfg.fine_tune, self.cfg.resolved_fine_tune_lr
         return 0, self.cfg.epochs, self.cfg.learning_rate
+
+
+def train_size(image_size: int, ratio: float | None) -> int | None:
+    """The training crops' side for ``ratio`` of ``image_size`` (None: the same size), at least 16 px."""
+    return None if ratio in (None, 1) else max(16, round(image_size * ratio))
 
 
 def default_amp(cfg: TrainConfig, device: torch.device) -> bool:
