@@ -216,6 +216,15 @@ def test_the_default_recipe_follows_the_weights_and_says_why():
     assert chosen.with_recipe().recipe == "plain" and recipe_reason(chosen) == "--recipe"
 
 
+def test_a_run_saved_before_the_crop_fields_resumes_with_the_crops_it_trained_on():
+    from cnnkit.training.recipe import resume_config
+
+    saved = SimpleNamespace(training_state={"epoch": 1}, train_config={"data_dir": "d", "weights": "none", "recipe": "scratch"},
+                            preprocess=PreprocessConfig(image_size=64, resize_size=72))
+    cfg = resume_config(TrainConfig("d", resume="last.pt"), saved)
+    assert (cfg.train_size_ratio, cfg.min_scale) == (1.0, 0.08)  # not today's scratch crops (0.75, 0.25)
+
+
 def test_checkpoints_from_before_the_policies_keep_their_augmentation():
     assert TrainConfig.from_dict({"data_dir": "d", "augment": True}).augment == "light"
     assert TrainConfig.from_dict({"data_dir": "d", "augment": False}).augment == "none"

@@ -41,7 +41,7 @@ class Recipe:
         """``base`` (the architecture's eval preprocessing) with the run's training augmentation."""
         cfg = self.cfg
         return dataclasses.replace(base, policy=cfg.augment or "light", vflip=0.5 if cfg.vflip else 0.0,
-                                   rot90=cfg.rot90, random_erase=cfg.random_erase, min_scale=cfg.min_scale or base.min_scale,
+                                   rot90=cfg.rot90, random_erase=cfg.random_erase, min_scale=cfg.min_scale,
                                    train_size=train_size(base.image_size, cfg.train_size_ratio))
 
     @property
@@ -123,6 +123,10 @@ def resume_config(cfg: TrainConfig, resumed: Checkpoint) -> TrainConfig:
         raise CheckpointError(f"{cfg.resume} cannot be resumed (it holds no training state; use last.pt)")
     saved = dict(resumed.train_config)
     saved.setdefault("recipe", "plain")  # a run from before the recipes trained with none of them
+    # A run from before the crop fields trained on full-size crops at its preprocessing's min_scale,
+    # whatever its recipe sets today.
+    saved.setdefault("train_size_ratio", 1.0)
+    saved.setdefault("min_scale", resumed.preprocess.min_scale)
     recipe = TrainConfig.from_dict(saved).with_recipe()
     defaults = TrainConfig(data_dir=cfg.data_dir)
     conflicts = [
