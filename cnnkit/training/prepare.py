@@ -266,7 +266,7 @@ def recipe_reason(cfg: TrainConfig) -> str:
 def recipe_settings(cfg: TrainConfig) -> list[str]:
     """The recipe's fields as this run has them, flags over the recipe's values."""
     settings = [f"augment {cfg.augment or 'light while the backbone trains'}", f"crops of {cfg.min_scale:g}..1 of the area"]
-    if cfg.train_size_ratio not in (None, 1):
+    if cfg.train_size_ratio != 1:
         settings.append(f"training crops at {cfg.train_size_ratio:g} of the image size")
     for name in ("random_erase", "mixup", "cutmix", "label_smoothing", "ema"):
         value = getattr(cfg, name)

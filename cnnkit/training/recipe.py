@@ -69,9 +69,9 @@ class Recipe:
         return 0, self.cfg.epochs, self.cfg.learning_rate
 
 
-def train_size(image_size: int, ratio: float | None) -> int | None:
+def train_size(image_size: int, ratio: float) -> int | None:
     """The training crops' side for ``ratio`` of ``image_size`` (None: the same size), at least 16 px."""
-    return None if ratio in (None, 1) else max(16, round(image_size * ratio))
+    return None if ratio == 1 else max(16, round(image_size * ratio))
 
 
 def default_amp(cfg: TrainConfig, device: torch.device) -> bool:
