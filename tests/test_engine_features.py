@@ -26,6 +26,7 @@ from cnnkit.distributed import DistContext
 from cnnkit.errors import ConfigError, Interrupted
 from cnnkit.models.build import build_model, head_module
 from cnnkit.models.checkpoint import load_checkpoint
+from cnnkit.models.openset import TENSOR_KEYS
 from cnnkit.training import train
 from cnnkit.training.recipe import balanced_class_weights
 from cnnkit.training.schedule import lr_factor
@@ -141,6 +142,14 @@ def test_cached_and_uncached_training_agree(cached_run, image_folder, pretrained
     a, b = load_checkpoint(cached.last_checkpoint).state_dict, load_checkpoint(direct.last_checkpoint).state_dict
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+    # best.pt's open-set statistics: the cached run fits them on its cached features, the other
+    # on a pass over the images
+    a, b = load_checkpoint(cached.best_checkpoint).open_set, load_checkpoint(direct.best_checkpoint).open_set
+    assert a["images"] == b["images"] == 18
+    for key in TENSOR_KEYS:
+        torch.testing.assert_close(a[key], b[key], atol=1e-3, rtol=1e-3)
+    for key in ("confidence", "distance"):
+        assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
 
 
 def test_second_run_reuses_the_cache(cached_run, image_folder, pretrained_file, tmp_path, caplog):

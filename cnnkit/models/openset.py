@@ -1,7 +1,8 @@
 """Open-set statistics: how far an image's features are from every class the model was trained on.
 
 At the end of training :func:`fit_open_set` takes one pass over the training images (eval
-preprocessing, no gradient) and keeps, for the penultimate features (the backbone's output, the
+preprocessing, no gradient; :func:`fit_open_set_on_features` reuses a frozen backbone's cached
+features of them instead) and keeps, for the penultimate features (the backbone's output, the
 head's input), the mean of each class and the inverse Cholesky factor of their shared
 covariance (the Mahalanobis detector of Lee et al. 2018), and the mean and inverse factor of one
 Gaussian of all the training features, the *background*. A new image's distance is its relative
@@ -52,6 +53,7 @@ MAX_FEATURES = 2048
 # within 0.005 AUROC of it with a near-singular covariance damped ten times less
 # (benchmarks/unknown_select.py).
 RIDGE = 0.01
+_HEAD_CHUNK = 4096  # features through the head at a time (a large validation set stays in memory bounds)
 TENSOR_KEYS = ("means", "precision_factor", "background_mean", "background_factor")
 
 
@@ -174,17 +176,45 @@ def fit_open_set(model: nn.Module, arch: str, train_loader: Iterable, valid_load
     model.eval()
     try:
         feats, targets, _ = _features_and_confidence(model, arch, train_loader, device)
-        if len(feats) == 0:
-            return None
-        means, factor = gaussian_fit(feats, targets, num_classes)
-        background_mean, background_factor = background_fit(feats)
-        stats: dict[str, Any] = {"version": OPEN_SET_VERSION, "images": len(feats), "ridge": RIDGE,
-                                 "means": means, "precision_factor": factor,
-                                 "background_mean": background_mean, "background_factor": background_factor}
         valid_feats, _, valid_conf = _features_and_confidence(model, arch, valid_loader, device)
     finally:
         model.train(was_training)
-    if len(valid_feats) == 0:  # no validation images: standardise on the training images
+    return open_set_statistics(feats, targets, valid_feats, valid_conf, num_classes)
+
+
+@torch.inference_mode()
+def fit_open_set_on_features(head: nn.Module, train_features: torch.Tensor, train_targets: torch.Tensor,
+                             valid_features: torch.Tensor, num_classes: int,
+                             device: torch.device | str = "cpu") -> dict[str, Any] | None:
+    """The statistics of :func:`fit_open_set` from the head's inputs already computed (a frozen
+    backbone's cached features of the same images), with no pass over the images; ``head`` maps
+    them to log-probabilities. Its train/eval mode is restored."""
+    was_training = head.training
+    head.eval()
+    try:
+        valid_conf = torch.cat([
+            head(chunk.to(device)).float().exp().max(dim=1).values.cpu().double()
+            for chunk in valid_features.split(_HEAD_CHUNK)
+        ]) if len(valid_features) else torch.empty(0)
+    finally:
+        head.train(was_training)
+    return open_set_statistics(reduce_features(train_features), train_targets.long(),
+                               reduce_features(valid_features), valid_conf, num_classes)
+
+
+def open_set_statistics(feats: torch.Tensor, targets: torch.Tensor, valid_feats: torch.Tensor,
+                        valid_conf: torch.Tensor, num_classes: int) -> dict[str, Any] | None:
+    """The statistics from the training images' features ``[N, D]`` and class indices, and the
+    validation images' features and top-1 confidences (standardisation); None without training
+    features. Without validation images the training features standardise the distance."""
+    if len(feats) == 0:
+        return None
+    means, factor = gaussian_fit(feats, targets, num_classes)
+    background_mean, background_factor = background_fit(feats)
+    stats: dict[str, Any] = {"version": OPEN_SET_VERSION, "images": len(feats), "ridge": RIDGE,
+                             "means": means, "precision_factor": factor,
+                             "background_mean": background_mean, "background_factor": background_factor}
+    if len(valid_feats) == 0:
         valid_feats, valid_conf = feats, None
     distance = OpenSetScorer(stats).distances(valid_feats).numpy()
     confidence = valid_conf.numpy() if valid_conf is not None else np.ones_like(distance)
