@@ -231,6 +231,8 @@ def _checks():
             response_schema_conformance]
 
 
+# ~18 s (100 generated requests to a real server): -m slow, with the long profile for more
+@pytest.mark.slow
 @api.parametrize()
 @settings(max_examples=_budget(1.0),  # deadline and database: the loaded profile's (conftest.py)
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])

@@ -233,6 +233,8 @@ def test_by_default_every_layer_is_int8_without_accuracy_control(checkpoint, dat
     assert bool(smoothing) == (quantization["smooth_quant"] > 0)  # and saved the one it kept
 
 
+# ~9 s: -m slow; the default export (above) checks the SmoothQuant it kept
+@pytest.mark.slow
 def test_smooth_quant_at_one_alpha_quantizes_once_with_it(checkpoint, data, tmp_path, cli_env, runtime):
     out = tmp_path / "smooth.xml"
     done = run_cli(["export", checkpoint, "--format", "openvino", "--int8", "--calibration-data", data, "-o", out,
@@ -277,6 +279,8 @@ def test_serve_names_the_openvino_backend(int8_ir, float_ir, tmp_path, runtime):
     assert model_file(str(folder)) == str(folder / "model.xml")  # a SageMaker-style folder holding the IR
 
 
+# ~12 s: -m slow; test_quantize's ONNX twin keeps the gate's refusal in the default suite
+@pytest.mark.slow
 def test_a_failed_gate_is_exit_9_and_writes_nothing(checkpoint, data, tmp_path, cli_env):
     output = tmp_path / "slow.int8.xml"
     result = run_cli(["export", str(checkpoint), "--format", "openvino", "--int8", "--calibration-data", str(data),

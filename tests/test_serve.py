@@ -584,6 +584,8 @@ def test_the_accept_delay_comes_from_the_environment(monkeypatch):
             accept_delay_per_connection()
 
 
+# ~14 s (a 2-worker server and a 1-s accept delay to measure): -m slow; the test above checks the rule
+@pytest.mark.slow
 def test_load_aware_accept_on_a_real_server(checkpoint, tmp_path):
     """The same on a real 2-worker server, with a delay long enough to measure (CNNKIT_ACCEPT_DELAY_MS):
     the worker holding a keep-alive connection leaves the next one to the idle worker, which answers
