@@ -391,6 +391,25 @@ def test_weight_decay_spares_biases():
     assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 0.05), (3, 0.0)]
 
 
+def test_the_optimizer_is_fused_adamw_and_steps_as_the_looped_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    twin = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    twin.load_state_dict(model.state_dict())
+    fused = make_optimizer(model.parameters(), 1e-2, 0.05)
+    assert all(group["fused"] for group in fused.param_groups)
+    looped = torch.optim.AdamW([{"params": [twin[0].weight], "weight_decay": 0.05},
+                                {"params": [twin[0].bias, *twin[1].parameters()], "weight_decay": 0.0}], lr=1e-2)
+    for step in range(5):
+        inputs = torch.randn(6, 4)
+        for net, optimizer in ((model, fused), (twin, looped)):
+            optimizer.zero_grad()
+            net(inputs).pow(2).sum().backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_amp_on_the_cpu_trains_in_bfloat16(image_folder, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="cnnkit")
     convolutions: list[tuple[bool, torch.dtype]] = []  # (grad mode, output dtype) of every Conv2d call
