@@ -400,7 +400,7 @@ def test_the_optimizer_is_fused_adamw_and_steps_as_the_looped_one():
     assert all(group["fused"] for group in fused.param_groups)
     looped = torch.optim.AdamW([{"params": [twin[0].weight], "weight_decay": 0.05},
                                 {"params": [twin[0].bias, *twin[1].parameters()], "weight_decay": 0.0}], lr=1e-2)
-    for step in range(5):
+    for _ in range(5):
         inputs = torch.randn(6, 4)
         for net, optimizer in ((model, fused), (twin, looped)):
             optimizer.zero_grad()
