@@ -614,6 +614,8 @@ def test_decoding_worker_exiting_in_predict_to_stdout_is_one_error_line(
     assert_one_line_error(failed.stderr, "worker process", "exit", "--workers 0")
 
 
+# ~15 s: -m slow; the default suite keeps predict's dying-worker tests (the same worker_death check)
+@pytest.mark.slow
 def test_killed_worker_in_training_is_reported_and_the_run_resumes(image_folder, env, wrapper, tmp_path):
     save_dir = tmp_path / "run"
     victim = sorted((image_folder / "train" / "red").iterdir())[0]
