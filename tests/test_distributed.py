@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cnnkit.data.folders import load_splits
-from cnnkit.data.samplers import EpochSampler, epoch_seed
+from cnnkit.data.samplers import EpochSampler, RepeatedSampler, SeededDraws, epoch_seed
 from cnnkit.data.transforms import build_transforms, load_image
 from cnnkit.errors import ConfigError
 from cnnkit.models.checkpoint import load_checkpoint
@@ -51,6 +51,25 @@ def test_training_shards_are_padded_to_equal_length_and_shuffled_per_epoch():
     sampler.set_epoch(3)
     assert list(sampler) == third  # ...that is a function of (seed, epoch) alone: resume repeats it
     assert epoch_seed(5, 3) != epoch_seed(5, 4)
+
+
+def test_seeded_draws_give_each_place_in_the_epoch_a_seed_shared_by_its_shards():
+    whole = EpochSampler(7, shuffle=True, seed=5)
+    whole.set_epoch(3)
+    draws = list(SeededDraws(whole))
+    assert [index for index, _ in draws] == list(whole) and len(SeededDraws(whole)) == 7
+    assert len({seed for _, seed in draws}) == 7  # a seed per draw, not per image
+    shards = []
+    for rank in range(2):
+        shard = EpochSampler(7, shuffle=True, seed=5, rank=rank, world_size=2, pad=False)
+        shard.set_epoch(3)
+        shards.append(list(SeededDraws(shard)))
+    assert sorted(shards[0] + shards[1]) == sorted(draws)  # rank r takes places r, r + 2, ...
+    whole.set_epoch(4)
+    assert {seed for _, seed in SeededDraws(whole)}.isdisjoint({seed for _, seed in draws})
+    repeated = RepeatedSampler(EpochSampler(3, seed=1), epochs=2)
+    repeated.set_epoch(1)
+    assert len({seed for _, seed in SeededDraws(repeated)}) == 6
 
 
 def test_weighted_sampler_draws_by_weight():

@@ -152,7 +152,18 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Any, int, tuple[str, str] | None]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, int, tuple[str, str] | None]:
+        """Item ``item``, or for ``(index, seed)`` (a seeded sampler's draw) item ``index``
+        transformed with torch's random generator seeded by ``seed`` (the caller's generator
+        state is left as it was)."""
+        if isinstance(item, tuple):
+            import torch
+
+            index, seed = item
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self[index]
+        index = item
         target = index if self.targets is None else self.targets[index]
         path = self.paths[index]
         try:

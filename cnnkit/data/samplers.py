@@ -14,6 +14,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def draw_seed(epoch_seed: int, position: int) -> int:
+    """The seed of the random choices (augmentation) made for the ``position``-th draw of an epoch."""
+    return (epoch_seed * 1_000_003 + position) % 2**63
+
+
 class EpochSampler(Sampler[int]):
     """Indices of one epoch for one rank, a pure function of (seed, epoch, rank).
 
@@ -21,6 +26,8 @@ class EpochSampler(Sampler[int]):
     the world size, rank ``r`` taking every ``world_size``-th index from ``r``), plus weighted
     draws (``--sampler balanced``) and unpadded shards for evaluation (``pad=False``), where a
     repeated image would be counted twice. With one process it is a plain shuffle.
+
+    :meth:`draws` pairs each index with a seed of its own (:class:`SeededDraws`).
     """
 
     def __init__(
@@ -50,14 +57,18 @@ class EpochSampler(Sampler[int]):
             return torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
         return torch.randperm(self.size, generator=generator).tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def draws(self) -> Iterator[tuple[int, int]]:
+        """This rank's ``(index, seed)`` pairs: each seed is :func:`draw_seed` of the draw's place
+        in the epoch's order (so the same for any number of loader workers)."""
         order = self._order()
-        if self.world_size > 1:
-            if self.pad and order:
-                total = math.ceil(len(order) / self.world_size) * self.world_size
-                order = (order * math.ceil(total / len(order)))[:total]
-            order = order[self.rank :: self.world_size]
-        return iter(order)
+        if self.world_size > 1 and self.pad and order:
+            total = math.ceil(len(order) / self.world_size) * self.world_size
+            order = (order * math.ceil(total / len(order)))[:total]
+        base = epoch_seed(self.seed, self.epoch)
+        return ((order[p], draw_seed(base, p)) for p in range(self.rank, len(order), self.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for index, _ in self.draws())
 
     def __len__(self) -> int:
         if self.world_size == 1:
@@ -78,10 +89,30 @@ class RepeatedSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def draws(self) -> Iterator[tuple[int, int]]:
         for i in range(self.epochs):
             self.sampler.set_epoch((self.epoch - 1) * self.epochs + i + 1)
-            yield from self.sampler
+            yield from self.sampler.draws()
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for index, _ in self.draws())
 
     def __len__(self) -> int:
         return self.epochs * len(self.sampler)
+
+
+class SeededDraws(Sampler[tuple[int, int]]):
+    """A sampler's ``(index, seed)`` draws (:meth:`EpochSampler.draws`), for a loader of
+    :class:`~cnnkit.data.folders.ImageDataset` that augments: each image is transformed with
+    torch's generator seeded by its draw's seed, so its augmentation is the same whichever
+    process decodes it, the main one or any of the loader's workers, fresh or kept from the
+    epoch before, and a resumed run repeats it."""
+
+    def __init__(self, sampler: EpochSampler | RepeatedSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return self.sampler.draws()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
