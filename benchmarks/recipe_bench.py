@@ -74,6 +74,9 @@ RECIPES = {
     "bs8+96px": [*PLAIN, "--batch-size", "8", "--image-size", "96"],  # (over the setting's 64)
     # The default recipe for twice the demo's epochs (over the setting's 15) in small batches; in
     # float32 (the default without a budget) and in bfloat16
+    "scratch+15ep+bs8": ["--recipe", "scratch", "--batch-size", "8"],  # (the setting's 15 epochs)
+    "scratch+20ep+bs8": ["--recipe", "scratch", "--epochs", "20", "--batch-size", "8"],
+    "scratch+24ep+bs16": ["--recipe", "scratch", "--epochs", "24", "--batch-size", "16"],
     "scratch+30ep": ["--recipe", "scratch", "--epochs", "30"],
     "scratch+30ep+bs16": ["--recipe", "scratch", "--epochs", "30", "--batch-size", "16"],
     "scratch+30ep+bs8": ["--recipe", "scratch", "--epochs", "30", "--batch-size", "8"],

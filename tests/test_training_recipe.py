@@ -237,6 +237,26 @@ def test_checkpoints_from_before_the_policies_keep_their_augmentation():
 # --- the time budget --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "arch, image_size, ratio, device, expected",
+    [
+        ("resnet18", 64, None, "cpu", False),  # the README demo: NCHW, faster for a ResNet's small crops
+        ("resnet18", 128, None, "cpu", False),  # the scratch recipe's 96-px training crops
+        ("resnet18", 128, 1.0, "cpu", True),
+        ("resnet50", 224, None, "cpu", True),
+        ("mobilenet_v3_small", 64, None, "cpu", True),  # NHWC at every size measured
+        ("densenet121", 32, None, "cpu", True),
+        ("resnet18", 64, None, "cuda", True),
+        ("resnet18", 224, None, "mps", False),
+    ],
+)
+def test_the_memory_layout_is_the_faster_one_measured_for_the_family_and_crop(arch, image_size, ratio, device, expected):
+    from cnnkit.training import recipe
+
+    cfg = TrainConfig("d", arch=arch, weights="none", image_size=image_size, train_size_ratio=ratio).with_recipe()
+    assert recipe.resolve_recipe(cfg, torch.device(device), None).channels_last is expected
+
+
 @pytest.mark.parametrize("budget, native, expected", [(None, True, False), ("10m", True, True), ("10m", False, False)])
 def test_bfloat16_is_the_default_only_under_a_time_budget_on_native_hardware(monkeypatch, budget, native, expected):
     from cnnkit.training import recipe

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..config import PreprocessConfig, TrainConfig
+from ..data.transforms import resolve_preprocess
 from ..errors import CheckpointError, ConfigError
 from ..models.checkpoint import Checkpoint
 from ..runtime import has_native_bfloat16
@@ -110,10 +111,26 @@ def resolve_recipe(cfg: TrainConfig, device: torch.device, log: logging.Logger |
                  " with gradient scaling" if device.type == "cuda" else
                  " (--time-budget on a CPU with native bfloat16: more steps in the time; --no-amp for float32)"
                  if chosen else "")
-    # NHWC tensors: what tensor cores want, and 1.3-2x faster with oneDNN on the CPU (training
-    # and inference of resnet18, densenet121, mobilenet, efficientnet, vgg: benchmarks/RESULTS.md).
-    channels_last = device.type in ("cuda", "cpu")
-    return Recipe(cfg, freeze, amp, autocast_dtype, channels_last)
+    base = resolve_preprocess(cfg.arch, cfg.image_size, cfg.resize_size).image_size
+    crop = train_size(base, cfg.train_size_ratio or 1.0) or base
+    return Recipe(cfg, freeze, amp, autocast_dtype, prefers_channels_last(cfg.arch, crop, device))
+
+
+# Below this training crop a ResNet trains faster in NCHW on the CPU (benchmarks/RESULTS.md).
+RESNET_NHWC_FROM = 112
+
+
+def prefers_channels_last(arch: str, crop: int, device: torch.device) -> bool:
+    """Whether training ``arch`` on ``crop``-pixel crops runs in NHWC (channels-last) tensors.
+
+    On CUDA, what tensor cores want. On the CPU, oneDNN's NHWC kernels train most families
+    faster (mobilenet, efficientnet, densenet, vgg, shufflenet: 1.06-1.6x at 64 and 128 px),
+    but a ResNet trains faster in NCHW on small crops (resnet18 1.16-1.35x at 32-64 px, resnet34
+    1.2x, resnet50 1.07x at 64 px) and in NHWC from 128 px (1.08-1.16x).
+    """
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and not (arch.startswith("resnet") and crop < RESNET_NHWC_FROM)
 
 
 def resume_config(cfg: TrainConfig, resumed: Checkpoint) -> TrainConfig:
