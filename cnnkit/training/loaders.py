@@ -62,9 +62,9 @@ class RunLoaders:
     def image_loader(
         self, samples: list, sampler: Any, augment: bool, generator: torch.Generator | None = None
     ) -> DataLoader:
-        """A loader of decoded images, augmented with each draw's own seed. Its worker processes
-        persist from one epoch to the next: forking them afresh every epoch doubled the README
-        demo's epoch time on 2 cores (most of the difference was system time)."""
+        """A loader of decoded images (``augment``: each with its draw's own seed). Its worker
+        processes persist from one epoch to the next: forking them afresh every epoch doubled the
+        README demo's epoch time on 2 cores (most of the difference was system time)."""
         transform = build_transforms(self.preprocess, train=augment)
         if augment:
             sampler = SeededDraws(sampler)
