@@ -234,9 +234,6 @@ def test_checkpoints_from_before_the_policies_keep_their_augmentation():
         TrainConfig("d", augment="heavy")
 
 
-# --- the time budget --------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize(
     "arch, image_size, ratio, device, expected",
     [
@@ -255,6 +252,9 @@ def test_the_memory_layout_is_the_faster_one_measured_for_the_family_and_crop(ar
 
     cfg = TrainConfig("d", arch=arch, weights="none", image_size=image_size, train_size_ratio=ratio).with_recipe()
     assert recipe.resolve_recipe(cfg, torch.device(device), None).channels_last is expected
+
+
+# --- the time budget --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("budget, native, expected", [(None, True, False), ("10m", True, True), ("10m", False, False)])
