@@ -33,8 +33,8 @@ class RunLoaders:
         self.recipe, self.ctx, self.splits, self.preprocess = recipe, ctx, splits, preprocess
         self.device = ctx.device
         self.workers = default_workers(cfg.workers)
-        # Each iteration of a loader draws its workers' base seed: from this generator, not the
-        # global one (whose stream drives dropout and mixing). Augmentation has seeds of its own.
+        # The loaders draw their workers' base seed from this generator, not from the global one
+        # (whose stream drives dropout and mixing). Augmentation has seeds of its own (SeededDraws).
         self.generator = torch.Generator()
         targets = [t for _, t in splits.train]
         weights = None
