@@ -68,7 +68,7 @@ def main() -> None:
         lines.append(f"| {arch} | {size} | {batch} | {int(batch) / nchw:.0f} | {int(batch) / nhwc:.0f} | "
                      f"**{nhwc / nchw:.2f}** |")
         print(lines[-1], file=sys.stderr, flush=True)
-    finish({"command": "python benchmarks/layout_bench.py " + " ".join(sys.argv[1:]), "machine_before": before,
+    finish({"command": " ".join(["python", "benchmarks/layout_bench.py", *sys.argv[1:]]), "machine_before": before,
             "torch_threads": torch.get_num_threads(), "cells": rows},
            started, REPO / "benchmarks" / "out" / "layout_bench.json", "\n".join(lines))
 
