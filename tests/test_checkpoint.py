@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import zipfile
@@ -92,6 +93,21 @@ def test_load_accepts_a_pathlike_and_records_library_versions(small, saved):
     loaded = load_checkpoint(saved)  # a pathlib.Path
     assert set(loaded.versions) >= {"cnnkit", "torch", "torchvision", "python"}
     assert loaded.versions["torch"] == str(torch.__version__)
+
+
+def test_detached_copy_owns_its_tensors_and_keeps_the_other_values(small):
+    live = dataclasses.replace(small[0], state_dict={k: v.clone() for k, v in small[0].state_dict.items()},
+                               training_state={"epoch": 2, "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}},
+                                                                         "param_groups": [{"lr": 0.1, "params": [0]}]}})
+    copy = live.detached()
+    assert (copy.arch, copy.classes, copy.preprocess, copy.summary) == (live.arch, live.classes, live.preprocess, live.summary)
+    assert copy.training_state["epoch"] == 2
+    for tensor in live.state_dict.values():
+        tensor.add_(1)  # the next training step, in place
+    live.training_state["optimizer"]["state"][0]["exp_avg"].zero_()
+    assert all(torch.equal(copy.state_dict[k], small[0].state_dict[k]) for k in copy.state_dict)
+    assert torch.equal(copy.training_state["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+    assert copy.training_state["optimizer"]["param_groups"] == [{"lr": 0.1, "params": [0]}]
 
 
 def test_name_of_falls_back_to_the_label(small):

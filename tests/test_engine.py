@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from cnnkit.errors import (
 from cnnkit.models.checkpoint import load_checkpoint
 from cnnkit.runtime import default_workers, resolve_device
 from cnnkit.training import train
+from cnnkit.training.callbacks.checkpoints import BackgroundWrites
 from cnnkit.training.rundir import load_history
 from cnnkit.training.steps import run_epoch
 
@@ -183,6 +185,43 @@ def test_interrupt_keeps_last_checkpoint_of_the_last_finished_epoch(interrupted,
     assert error.exit_code == 130
     assert load_checkpoint(save_dir / "last.pt").training_state["epoch"] == 2
     assert strip_timing(read_metrics(save_dir / "metrics.jsonl")) == strip_timing(read_metrics(trained.metrics))[:2]
+
+
+class _FakeCheckpoint:
+    """Records its write in ``written``; waits for ``gate`` first, or raises ``error``."""
+
+    def __init__(self, written: list, gate: threading.Event | None = None, error: Exception | None = None):
+        self.written, self.gate, self.error = written, gate, error
+
+    def save(self, path: str) -> None:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if self.error is not None:
+            raise self.error
+        self.written.append(path)
+
+
+def test_checkpoint_writes_run_in_the_background_in_order():
+    writes, written, gate = BackgroundWrites(), [], threading.Event()
+    writes.submit(_FakeCheckpoint(written, gate), "best.pt")
+    writes.submit(_FakeCheckpoint(written), "last.pt")
+    assert written == []  # submit returned with the first write still waiting: the epoch goes on
+    gate.set()
+    writes.wait()
+    assert written == ["best.pt", "last.pt"]
+    writes.submit(_FakeCheckpoint(written), "last.pt")  # the thread serves the next epoch too
+    writes.close()
+    assert written == ["best.pt", "last.pt", "last.pt"]
+
+
+def test_a_failed_background_write_is_raised_by_the_next_wait_after_the_later_writes_end():
+    writes, written = BackgroundWrites(), []
+    writes.submit(_FakeCheckpoint(written, error=OutputError("cannot write best.pt: No space left on device")), "best.pt")
+    writes.submit(_FakeCheckpoint(written), "last.pt")
+    with pytest.raises(OutputError, match="No space left"):
+        writes.wait()
+    assert written == ["last.pt"]
+    writes.close()  # raised once: nothing is pending any more
 
 
 def test_resume_equals_the_uninterrupted_run(interrupted, trained, image_folder, tmp_path):

@@ -17,7 +17,7 @@ import re
 import stat
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -162,6 +162,11 @@ class Checkpoint:
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_save(self.to_dict(), path)
 
+    def detached(self) -> "Checkpoint":
+        """A copy holding its own CPU tensors (weights, optimizer state...), not the live model's
+        or optimizer's: it can be written while training goes on changing those."""
+        return replace(self, state_dict=detached_copy(self.state_dict), training_state=detached_copy(self.training_state))
+
     def name_of(self, label: str) -> str:
         return self.class_names.get(label, label)
 
@@ -278,6 +283,18 @@ def _has_pickle(path: str) -> bool:
 
 def _first_sentence(exc: BaseException) -> str:
     return first_line(exc).split(". ")[0]
+
+
+def detached_copy(value: Any) -> Any:
+    """``value`` with every tensor in its dicts, lists and tuples copied to the CPU (a copy even
+    when it is there already); other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: detached_copy(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(detached_copy(item) for item in value)
+    return value
 
 
 def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:

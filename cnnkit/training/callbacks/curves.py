@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PLOT_INTERVAL = 10.0  # seconds between redraws (drawing one takes a fraction of one)
+PLOT_INTERVAL = 30.0  # seconds between redraws (one takes a third of a second: a short run must not wait for them)
 
 
 class Curves(Callback):
