@@ -4,8 +4,9 @@ Each recipe is a set of ``cnnkit train`` flags on top of the same base command: 
 scratch (``--weights none``). Two settings:
 
 - ``--data mini``: the README demo's run, on the bundled ``data/flowers-mini`` (5 classes, 120
-  training, 28 validation, 27 test photos), 64-px crops, ``--epochs 15`` (fixed epochs: a busy
-  machine changes the times, not the figures);
+  training, 28 validation, 27 test photos), 64-px crops, ``--epochs 15`` (the demo's epochs
+  until it took ``scratch+30ep+bs16``'s flags; fixed epochs: a busy machine changes the times,
+  not the figures);
 - ``--data flowers-20``: ``../shared/data/flowers-20`` (20 classes, 2,044 / 247 / 248 photos),
   128-px crops, every recipe under the same ``--time-budget`` (15m by default): the
   recipes' speed matters there, so run it on a quiet machine.

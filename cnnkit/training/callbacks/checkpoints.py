@@ -25,8 +25,8 @@ class BackgroundWrites:
     """Checkpoint writes on one background thread, in the order submitted (Lightning's
     AsyncCheckpointIO): the next epoch trains while this epoch's files are written. Inline, the
     writes (serialising, hashing and syncing last.pt's weights and optimizer state after every
-    one-second epoch) took a fifth of a 30-epoch README demo's profile; in the background it
-    runs in 0.87 times the time (benchmarks/RESULTS.md)."""
+    one-second epoch) took a fifth of a 30-epoch README demo's profile; in the background the
+    demo runs in about 0.9 times its time (benchmarks/RESULTS.md)."""
 
     def __init__(self) -> None:
         self._executor: ThreadPoolExecutor | None = None
