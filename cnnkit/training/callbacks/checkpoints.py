@@ -67,6 +67,10 @@ class Checkpoints(Callback):
     def __init__(self) -> None:
         self.writes = BackgroundWrites()
 
+    def before_phase(self, trainer: Trainer) -> None:
+        # The new phase's loaders fork their worker processes next: not while a thread is writing.
+        self.writes.wait()
+
     def after_epoch(self, trainer: Trainer) -> None:
         self.writes.wait()  # the previous epoch's files are complete (or their error is raised)
         if trainer.improved:
