@@ -107,12 +107,12 @@ elif fault == "stall-finish":  # stop while the finished run adds its drift stat
 elif fault in ("worker-kill", "worker-exit"):  # the worker decoding image ARG dies
     from torch.utils.data import get_worker_info
 
-    victim, _, armed = arg.partition("|")  # armed: only once this file exists
+    victim, _, armed = arg.partition("|")  # armed: only once this file has content
     real_load = cnnkit.data.folders.load_image
 
     def load_image(path, *a, **k):
         if (get_worker_info() is not None and os.path.realpath(path) == os.path.realpath(victim)
-                and (not armed or os.path.exists(armed))):
+                and (not armed or (os.path.exists(armed) and os.path.getsize(armed) > 0))):
             with open(marker, "w"):
                 pass
             if fault == "worker-kill":
@@ -621,8 +621,9 @@ def test_killed_worker_in_training_is_reported_and_the_run_resumes(image_folder,
     victim = sorted((image_folder / "train" / "red").iterdir())[0]
     args = ["train", image_folder, *TINY_TRAIN_ARGS, "--workers", "1", "--epochs", "2", "--save-dir", save_dir]
     marker = tmp_path / "died"
-    # armed once last.pt exists: the worker dies in epoch 2
-    failed = run_until(wrapped(wrapper, "worker-kill", f"{victim}|{save_dir / 'last.pt'}", marker, *args), env,
+    # armed once epoch 1's metrics row is written: the worker dies in epoch 2 (while epoch 1's
+    # last.pt may still be written in the background: the stopped run waits for it)
+    failed = run_until(wrapped(wrapper, "worker-kill", f"{victim}|{save_dir / 'metrics.jsonl'}", marker, *args), env,
                        tmp_path / "kill.log")
     assert marker.exists()
     assert failed.returncode == WorkerError.exit_code, failed.stderr
