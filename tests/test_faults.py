@@ -635,6 +635,28 @@ def test_killed_worker_in_training_is_reported_and_the_run_resumes(image_folder,
     assert check_checkpoints_load(save_dir) == 2
 
 
+# ~15 s: -m slow, as the test above
+@pytest.mark.slow
+def test_killed_worker_while_completing_best_is_reported_and_resume_completes_it(image_folder, env, wrapper, tmp_path):
+    save_dir = tmp_path / "run"
+    victim = sorted((image_folder / "train" / "red").iterdir())[0]
+    args = ["train", image_folder, *TINY_TRAIN_ARGS, "--workers", "1", "--epochs", "1", "--save-dir", save_dir]
+    marker = tmp_path / "died"
+    # armed once the only epoch's metrics row is written: the worker that dies is one of the pass
+    # over the training images for best.pt's open-set statistics
+    failed = run_until(wrapped(wrapper, "worker-kill", f"{victim}|{save_dir / 'metrics.jsonl'}", marker, *args), env,
+                       tmp_path / "kill.log")
+    assert marker.exists()
+    assert failed.returncode == WorkerError.exit_code, failed.stderr
+    assert_one_line_error(failed.stderr, "worker process", "killed by signal", f"while completing {save_dir / 'best.pt'}",
+                          "holds epoch 1", f"--resume {save_dir / 'last.pt'}")
+    assert load_checkpoint(save_dir / "best.pt").open_set is None
+    done = run_until(cnnkit_command(*resume_args(image_folder, save_dir, workers=1)), env, tmp_path / "resumed.log")
+    assert done.returncode == 0, done.stderr
+    assert [row["epoch"] for row in read_metrics(save_dir / "metrics.jsonl")] == [1]
+    assert load_checkpoint(save_dir / "best.pt").open_set is not None
+
+
 # --- the pieces ---------------------------------------------------------------------------------
 
 

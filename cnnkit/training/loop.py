@@ -31,7 +31,7 @@ from ..models.checkpoint import Checkpoint, library_versions
 from ..runtime import seed_everything
 from .callbacks.base import EVENTS, Callback, CancelFit
 from .recipe import FINE_TUNE, HEAD
-from .rundir import LAST
+from .rundir import BEST, LAST
 from .schedule import default_warmup, lr_factor
 from .prepare import Run, class_weights, describe, run_summary
 from .steps import EpochStats, make_optimizer, run_epoch, set_lr
@@ -130,7 +130,16 @@ class Trainer:
             raise WorkerError(
                 stopped_message(self.run, epoch, f"{died}, in epoch {epoch}") + " (--workers 0 loads images in the main process)"
             ) from None
-        self.fire("after_fit")
+        try:
+            self.fire("after_fit")
+        except RuntimeError as exc:  # a worker of the statistics' pass over the images: the epochs are saved
+            died = worker_death(exc)
+            if died is None:
+                raise
+            raise WorkerError(
+                stopped_message(self.run, epoch + 1, f"{died}, while completing {self.run.paths[BEST]}")
+                + " (--workers 0 loads images in the main process)"
+            ) from None
 
     def _enter_phase(self, phase: str) -> None:
         cfg, run, state = self.cfg, self.run, self.state
