@@ -127,19 +127,14 @@ class Trainer:
             died = worker_death(exc)
             if died is None:
                 raise
-            raise WorkerError(
-                stopped_message(self.run, epoch, f"{died}, in epoch {epoch}") + " (--workers 0 loads images in the main process)"
-            ) from None
+            raise worker_stopped(self.run, epoch, f"{died}, in epoch {epoch}") from None
         try:
             self.fire("after_fit")
         except RuntimeError as exc:  # a worker of the statistics' pass over the images: the epochs are saved
             died = worker_death(exc)
             if died is None:
                 raise
-            raise WorkerError(
-                stopped_message(self.run, epoch + 1, f"{died}, while completing {self.run.paths[BEST]}")
-                + " (--workers 0 loads images in the main process)"
-            ) from None
+            raise worker_stopped(self.run, epoch + 1, f"{died}, while completing {self.run.paths[BEST]}") from None
 
     def _enter_phase(self, phase: str) -> None:
         cfg, run, state = self.cfg, self.run, self.state
@@ -293,6 +288,11 @@ class Trainer:
     def _info(self, *args: Any, warning: bool = False) -> None:
         if self.ctx.is_main:
             (log.warning if warning else log.info)(*args)
+
+
+def worker_stopped(run: Run, epoch: int, what: str) -> WorkerError:
+    """The error of a run stopped in ``epoch`` by a dead data-loading worker (``what`` says which)."""
+    return WorkerError(stopped_message(run, epoch, what) + " (--workers 0 loads images in the main process)")
 
 
 def stopped_message(run: Run, epoch: int, what: str) -> str:
