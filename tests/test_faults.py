@@ -614,46 +614,29 @@ def test_decoding_worker_exiting_in_predict_to_stdout_is_one_error_line(
     assert_one_line_error(failed.stderr, "worker process", "exit", "--workers 0")
 
 
-# ~15 s: -m slow; the default suite keeps predict's dying-worker tests (the same worker_death check)
+# ~15 s each: -m slow; the default suite keeps predict's dying-worker tests (the same worker_death check)
 @pytest.mark.slow
-def test_killed_worker_in_training_is_reported_and_the_run_resumes(image_folder, env, wrapper, tmp_path):
+@pytest.mark.parametrize("epochs, where", [(2, "in epoch 2"), (1, "while completing")])
+def test_killed_worker_in_training_is_reported_and_the_run_resumes(image_folder, env, wrapper, tmp_path, epochs, where):
+    """Armed once epoch 1's metrics row is written, the worker dies in epoch 2 (while epoch 1's
+    last.pt may still be written in the background: the stopped run waits for it), or, in a
+    one-epoch run, in the pass over the training images for best.pt's open-set statistics."""
     save_dir = tmp_path / "run"
     victim = sorted((image_folder / "train" / "red").iterdir())[0]
-    args = ["train", image_folder, *TINY_TRAIN_ARGS, "--workers", "1", "--epochs", "2", "--save-dir", save_dir]
+    args = ["train", image_folder, *TINY_TRAIN_ARGS, "--workers", "1", "--epochs", epochs, "--save-dir", save_dir]
     marker = tmp_path / "died"
-    # armed once epoch 1's metrics row is written: the worker dies in epoch 2 (while epoch 1's
-    # last.pt may still be written in the background: the stopped run waits for it)
     failed = run_until(wrapped(wrapper, "worker-kill", f"{victim}|{save_dir / 'metrics.jsonl'}", marker, *args), env,
                        tmp_path / "kill.log")
     assert marker.exists()
     assert failed.returncode == WorkerError.exit_code, failed.stderr
-    assert_one_line_error(failed.stderr, "worker process", "killed by signal", f"--resume {save_dir / 'last.pt'}")
+    assert_one_line_error(failed.stderr, "worker process", "killed by signal", where, "holds epoch 1",
+                          f"--resume {save_dir / 'last.pt'}")
     assert check_checkpoints_load(save_dir) == 1
-    done = run_until(cnnkit_command(*resume_args(image_folder, save_dir, workers=1)), env, tmp_path / "resumed.log")
-    assert done.returncode == 0, done.stderr
-    assert [row["epoch"] for row in read_metrics(save_dir / "metrics.jsonl")] == [1, 2]
-    assert check_checkpoints_load(save_dir) == 2
-
-
-# ~15 s: -m slow, as the test above
-@pytest.mark.slow
-def test_killed_worker_while_completing_best_is_reported_and_resume_completes_it(image_folder, env, wrapper, tmp_path):
-    save_dir = tmp_path / "run"
-    victim = sorted((image_folder / "train" / "red").iterdir())[0]
-    args = ["train", image_folder, *TINY_TRAIN_ARGS, "--workers", "1", "--epochs", "1", "--save-dir", save_dir]
-    marker = tmp_path / "died"
-    # armed once the only epoch's metrics row is written: the worker that dies is one of the pass
-    # over the training images for best.pt's open-set statistics
-    failed = run_until(wrapped(wrapper, "worker-kill", f"{victim}|{save_dir / 'metrics.jsonl'}", marker, *args), env,
-                       tmp_path / "kill.log")
-    assert marker.exists()
-    assert failed.returncode == WorkerError.exit_code, failed.stderr
-    assert_one_line_error(failed.stderr, "worker process", "killed by signal", f"while completing {save_dir / 'best.pt'}",
-                          "holds epoch 1", f"--resume {save_dir / 'last.pt'}")
     assert load_checkpoint(save_dir / "best.pt").open_set is None
     done = run_until(cnnkit_command(*resume_args(image_folder, save_dir, workers=1)), env, tmp_path / "resumed.log")
     assert done.returncode == 0, done.stderr
-    assert [row["epoch"] for row in read_metrics(save_dir / "metrics.jsonl")] == [1]
+    assert [row["epoch"] for row in read_metrics(save_dir / "metrics.jsonl")] == list(range(1, epochs + 1))
+    assert check_checkpoints_load(save_dir) == epochs
     assert load_checkpoint(save_dir / "best.pt").open_set is not None
 
 
