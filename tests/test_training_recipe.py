@@ -262,7 +262,7 @@ def test_bfloat16_is_the_default_only_under_a_time_budget_on_native_hardware(mon
     from cnnkit.training import recipe
 
     monkeypatch.setattr(recipe, "has_native_bfloat16", lambda: native)
-    cfg = TrainConfig("d", weights="none", time_budget=budget)
+    cfg = TrainConfig("d", weights="none", time_budget=budget).with_recipe()  # as prepare_run passes it
     assert recipe.default_amp(cfg, torch.device("cpu")) is expected
     assert recipe.default_amp(cfg, torch.device("cuda")) is True
     chosen = recipe.resolve_recipe(cfg, torch.device("cpu"), None)

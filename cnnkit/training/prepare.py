@@ -15,7 +15,6 @@ from torch import nn
 
 from ..config import BUDGET_EPOCHS, DEFAULT_EPOCHS, PreprocessConfig, TrainConfig
 from ..data.folders import Splits, load_category_names, load_splits
-from ..data.transforms import resolve_preprocess
 from ..distributed import DistContext
 from ..errors import ConfigError, DataError
 from ..models.build import HeadSpec, build_model, check_arch, head_module
@@ -166,7 +165,7 @@ def _build_model(
         cfg.arch, classes, "none" if resumed is not None else cfg.weights, cfg.hidden_units, cfg.dropout,
         freeze=recipe.freeze,
     )
-    preprocess = resumed.preprocess if resumed else recipe.preprocess(resolve_preprocess(cfg.arch, cfg.image_size, cfg.resize_size))
+    preprocess = resumed.preprocess if resumed else recipe.preprocess
     if resumed is not None:
         model.load_state_dict(resumed.state_dict)
     model.to(device)

@@ -33,17 +33,11 @@ class Recipe:
     amp: bool
     autocast_dtype: torch.dtype | None
     channels_last: bool
+    preprocess: PreprocessConfig  # a new run's: the architecture's eval preprocessing with the training augmentation
 
     def augment(self, phase: str) -> bool:
         """Whether ``phase`` trains on augmented images (by default: while the backbone trains)."""
         return self.cfg.augment != "none" if self.cfg.augment is not None else phase != HEAD
-
-    def preprocess(self, base: PreprocessConfig) -> PreprocessConfig:
-        """``base`` (the architecture's eval preprocessing) with the run's training augmentation."""
-        cfg = self.cfg
-        return dataclasses.replace(base, policy=cfg.augment or "light", vflip=0.5 if cfg.vflip else 0.0,
-                                   rot90=cfg.rot90, random_erase=cfg.random_erase, min_scale=cfg.min_scale,
-                                   train_size=train_size(base.image_size, cfg.train_size_ratio))
 
     @property
     def caches_features(self) -> bool:
@@ -83,7 +77,8 @@ def default_amp(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def resolve_recipe(cfg: TrainConfig, device: torch.device, log: logging.Logger | None) -> Recipe:
-    """Decide freezing and precision for ``cfg`` on ``device``; refuse combinations that cannot
+    """Decide freezing, precision, memory layout and a new run's preprocessing for ``cfg`` (its
+    recipe filled in: ``TrainConfig.with_recipe``) on ``device``; refuse combinations that cannot
     work with this backbone. ``log`` (None off rank 0) says what was chosen."""
     freeze = cfg.freeze if cfg.freeze is not None else cfg.pretrained
     if log is not None:
@@ -111,9 +106,16 @@ def resolve_recipe(cfg: TrainConfig, device: torch.device, log: logging.Logger |
                  " with gradient scaling" if device.type == "cuda" else
                  " (--time-budget on a CPU with native bfloat16: more steps in the time; --no-amp for float32)"
                  if chosen else "")
-    base = resolve_preprocess(cfg.arch, cfg.image_size, cfg.resize_size).image_size
-    crop = train_size(base, cfg.train_size_ratio or 1.0) or base
-    return Recipe(cfg, freeze, amp, autocast_dtype, prefers_channels_last(cfg.arch, crop, device))
+    preprocess = training_preprocess(cfg, resolve_preprocess(cfg.arch, cfg.image_size, cfg.resize_size))
+    crop = preprocess.train_size or preprocess.image_size
+    return Recipe(cfg, freeze, amp, autocast_dtype, prefers_channels_last(cfg.arch, crop, device), preprocess)
+
+
+def training_preprocess(cfg: TrainConfig, base: PreprocessConfig) -> PreprocessConfig:
+    """``base`` (the architecture's eval preprocessing) with ``cfg``'s training augmentation."""
+    return dataclasses.replace(base, policy=cfg.augment or "light", vflip=0.5 if cfg.vflip else 0.0,
+                               rot90=cfg.rot90, random_erase=cfg.random_erase, min_scale=cfg.min_scale,
+                               train_size=train_size(base.image_size, cfg.train_size_ratio))
 
 
 # Below this training crop a ResNet trains faster in NCHW on the CPU (benchmarks/RESULTS.md).
