@@ -100,6 +100,24 @@ def real_images(count: int | None = None, source: Path = FLOWERS_20) -> list[Pat
     return paths[:count]
 
 
+KNOWN_CLASSES = 15  # the open-set and held-out transfer benchmarks: a model of flowers-20's first 15 classes
+
+
+def flowers20_classes(known: int = KNOWN_CLASSES) -> tuple[list[str], list[str]]:
+    """flowers-20's class folders in sorted order, split into the first ``known`` and the rest."""
+    classes = sorted(p.name for p in (FLOWERS_20 / "train").iterdir() if p.is_dir())
+    return classes[:known], classes[known:]
+
+
+def link_classes(root: Path, names: list[str]) -> Path:
+    """A data root at ``root`` with train/, valid/ and test/ linking to flowers-20's ``names`` folders."""
+    for split in ("train", "valid", "test"):
+        (root / split).mkdir(parents=True)
+        for name in names:
+            (root / split / name).symlink_to(FLOWERS_20 / split / name)
+    return root
+
+
 def copy_images(paths: list[Path], folder: Path) -> Path:
     """Copies of ``paths`` under ``folder``, one sub-folder per class (what ``cnnkit predict DIR`` reads)."""
     for i, path in enumerate(paths):

@@ -15,6 +15,9 @@ scratch (``--weights none``). Two settings:
   backbone of a flowers-20 run (``--backbone best.pt``, e.g. one kept by ``--keep``) trained on
   flowers-mini at 128 px with ``--weights BACKBONE`` (a frozen head on cached features, then
   ``--fine-tune``), against flowers-mini from scratch at the same size and epochs.
+- ``--data held-out``: the same recipes on a larger target: flowers-20's last 5 classes (in
+  sorted order; 562 / 66 / 68 photos), from the backbone of a model of its other 15
+  (``--backbone``: the ``best.pt`` that ``unknown_bench.py --keep`` keeps), which never saw them.
 
 For each recipe and seed: the best epoch's validation accuracy (what ``best.pt`` holds), then
 ``cnnkit evaluate best.pt`` on the test split: top-1 accuracy and ECE (15 bins); and the run's
@@ -24,6 +27,8 @@ included) and its epochs' own seconds. Medians/means with min–max over seeds; 
     python benchmarks/recipe_bench.py --data mini --seeds 0 1 2 3 4
     python benchmarks/recipe_bench.py --data flowers-20 --recipes plain scratch --seeds 0 1 2
     python benchmarks/recipe_bench.py --data transfer --backbone DIR/recipe\ scratch-0/best.pt --seeds 0 1 2
+    python benchmarks/recipe_bench.py --data held-out --backbone KEEP/best.pt --recipes "scratch, no transfer" \
+        "head only (transfer, 5 epochs)" --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from limit import CNNKIT, FLOWERS_20, REPO, machine, subprocess_env  # noqa: E402
+from limit import CNNKIT, FLOWERS_20, REPO, flowers20_classes, link_classes, machine, subprocess_env  # noqa: E402
 
 MIX = ["--mixup", "0.2", "--cutmix", "1.0"]
 PLAIN = ["--recipe", "plain"]  # the recipe before issue 12, named: the default recipes have moved on since
@@ -102,6 +107,7 @@ SETTINGS = {
     "mini": (MINI, ["--weights", "none", "--image-size", "64", "--epochs", "15"], RECIPES),
     "flowers-20": (FLOWERS_20, ["--weights", "none", "--image-size", "128", "--batch-size", "64"], RECIPES),
     "transfer": (MINI, ["--image-size", "128"], TRANSFER),
+    "held-out": (None, ["--image-size", "128"], TRANSFER),  # (a data root of links, made for the run)
 }
 
 
@@ -140,15 +146,16 @@ def main() -> None:
     parser.add_argument("--time-budget", default="15m", help="flowers-20: every run's --time-budget")
     parser.add_argument("--append", action="store_true", help="add to the runs already in the output file")
     parser.add_argument("--keep", type=Path, help="keep each run's best.pt under KEEP/RECIPE-SEED/")
-    parser.add_argument("--backbone", type=Path, help="--data transfer: the flowers-20 checkpoint to transfer")
+    parser.add_argument("--backbone", type=Path, help="--data transfer, held-out: the checkpoint whose backbone to transfer")
     args = parser.parse_args()
     data, base, recipes = SETTINGS[args.data]
     names = args.recipes or list(recipes)
     if unknown := [name for name in names if name not in recipes]:
         parser.error(f"not a recipe of --data {args.data}: {', '.join(unknown)}")
-    if args.data == "transfer":
+    if recipes is TRANSFER:
         if args.backbone is None or not args.backbone.is_file():
-            parser.error("--data transfer needs --backbone, a flowers-20 checkpoint (best.pt)")
+            parser.error(f"--data {args.data} needs --backbone, a checkpoint (best.pt) of "
+                         f"{'flowers-20' if args.data == 'transfer' else 'the other 15 classes of flowers-20'}")
         recipes = {name: [flag.format(backbone=args.backbone) for flag in flags] for name, flags in recipes.items()}
     if args.data == "flowers-20":
         base = [*base, "--time-budget", args.time_budget]
@@ -161,6 +168,8 @@ def main() -> None:
     results["commands"] = [*results.get("commands", [earlier] if earlier else []), command]
     results["machine"] = machine()
     with tempfile.TemporaryDirectory(prefix="cnnkit-recipes-") as tmp:
+        if args.data == "held-out":
+            data = link_classes(Path(tmp) / "held-out", flowers20_classes()[1])
         for seed in args.seeds:  # seeds outermost: a partial run still compares every recipe
             for name in names:
                 save_dir = (args.keep or Path(tmp)) / f"{name}-{seed}"

@@ -31,10 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from limit import CNNKIT, FLOWERS_20, REPO, finish, machine, subprocess_env  # noqa: E402
+from limit import (  # noqa: E402
+    CNNKIT, FLOWERS_20, KNOWN_CLASSES as KNOWN, REPO, finish, flowers20_classes, link_classes, machine, subprocess_env,
+)
 
 ENV = subprocess_env()
-KNOWN = 15
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -63,15 +64,10 @@ def main() -> None:
                      "machine_before": machine(), "size": args.size, "epochs": args.epochs,
                      "recipe": args.recipe, "amp": args.amp, "refit": args.refit,
                      "unknown_splits": args.unknown_splits}
-    classes = sorted(p.name for p in (FLOWERS_20 / "train").iterdir() if p.is_dir())
-    known, unknown = classes[:KNOWN], classes[KNOWN:]
+    known, unknown = flowers20_classes()
     results.update(known=known, unknown=unknown)
     with tempfile.TemporaryDirectory(prefix="unknown-bench-") as tmp:
-        root, held = Path(tmp) / "data", Path(tmp) / "unknown"
-        for split in ("train", "valid", "test"):
-            (root / split).mkdir(parents=True)
-            for name in known:
-                (root / split / name).symlink_to(FLOWERS_20 / split / name)
+        root, held = link_classes(Path(tmp) / "data", known), Path(tmp) / "unknown"
         for name, split in ((n, s) for n in unknown for s in args.unknown_splits):
             (held / name / split).mkdir(parents=True)  # (links to files: --unknown does not follow a linked folder)
             for image in sorted((FLOWERS_20 / split / name).iterdir()):
