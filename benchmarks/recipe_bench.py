@@ -1,7 +1,7 @@
 """Training recipes against each other (issue 12): accuracy, calibration and time, over seeds.
 
 Each recipe is a set of ``cnnkit train`` flags on top of the same base command: resnet18 from
-scratch (``--weights none``). Two settings:
+scratch (``--weights none``), or from a given backbone. The settings:
 
 - ``--data mini``: the README demo's run, on the bundled ``data/flowers-mini`` (5 classes, 120
   training, 28 validation, 27 test photos), 64-px crops, ``--epochs 15`` (the demo's epochs
